@@ -1,0 +1,165 @@
+"""Turn a dataset split into epochs of mini-batches that are already on the device.
+
+Modes (the ``trainer.batching`` config key):
+  shuffle     a new permutation every epoch, drawn from a torch.Generator seeded with ``seed`` (deterministic);
+  fixed       one permutation drawn once; the same mini-batches come back in the same order every epoch
+              (seed 001, eq. 28: batches fixed throughout training, R = ceil(m / m_b) of them);
+  full        one batch holding the whole split (``batch_size`` is ignored; seed 000 uses b = 60,000 on MNIST);
+  sequential  the split in its stored order, in batches (for evaluation).
+
+A ``TensorPairDataset`` is moved to the device once, and batches are slices or ``index_select`` of the device tensors:
+no DataLoader and no host copies per step. Any other dataset goes through a ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from data.base import TensorPairDataset
+
+MODES = ("shuffle", "fixed", "full", "sequential")
+
+
+class Batches:
+    """Iterable over ONE epoch of ``(inputs, targets)`` per ``iter()``; ``len()`` is the number of steps per epoch."""
+
+    num_samples: int
+
+    def __init__(self, num_samples: int, batch_size: int, mode: str, drop_last: bool, seed: int) -> None:
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.mode = mode
+        self.drop_last = drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """The shuffling generator's state, so a resumed run continues with the same permutations."""
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+
+class TensorBatches(Batches):
+    """Batches of a split held as two device tensors."""
+
+    def __init__(
+        self,
+        dataset: TensorPairDataset,
+        batch_size: int,
+        mode: str,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        seed: int,
+        drop_last: bool,
+    ) -> None:
+        super().__init__(len(dataset), batch_size, mode, drop_last, seed)
+        data = dataset.to(device, dtype)
+        self.inputs, self.targets = data.inputs, data.targets
+        if mode == "fixed":
+            # Store the split in the order of the one fixed permutation; every epoch then yields plain slices.
+            order = torch.randperm(self.num_samples, generator=self.generator).to(self.inputs.device)
+            self.inputs, self.targets = self.inputs[order], self.targets[order]
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        b = self.batch_size
+        if self.mode == "shuffle":
+            order = torch.randperm(self.num_samples, generator=self.generator).to(self.inputs.device)
+            for start in range(0, len(self) * b, b):
+                index = order[start : start + b]
+                yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
+        else:
+            for start in range(0, len(self) * b, b):
+                yield self.inputs[start : start + b], self.targets[start : start + b]
+
+
+class LoaderBatches(Batches):
+    """Batches from a ``DataLoader`` (images decoded and augmented on the fly), moved to the device per step."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        mode: str,
+        device: torch.device | str,
+        dtype: torch.dtype,
+        seed: int,
+        drop_last: bool,
+        num_workers: int,
+    ) -> None:
+        super().__init__(len(dataset), batch_size, mode, drop_last, seed)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        sampler = None
+        if mode == "fixed":
+            sampler = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=mode == "shuffle",
+            sampler=sampler,
+            drop_last=drop_last,
+            num_workers=num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=num_workers > 0,
+            generator=self.generator,
+        )
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for inputs, targets in self.loader:
+            targets_dtype = self.dtype if targets.is_floating_point() else torch.long
+            yield (
+                inputs.to(self.device, self.dtype, non_blocking=True),
+                targets.to(self.device, targets_dtype, non_blocking=True),
+            )
+
+
+def make_batches(
+    dataset: Dataset,
+    *,
+    batch_size: int | None,
+    mode: str = "shuffle",
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    drop_last: bool = False,
+    num_workers: int = 0,
+) -> Batches:
+    """Epochs of ``(inputs, targets)`` on ``device``: inputs in ``dtype``, labels ``torch.long``.
+
+    ``batch_size=None`` or ``mode="full"`` gives one batch holding the whole split.
+    """
+    if mode not in MODES:
+        raise ValueError(f"trainer.batching={mode!r} is not a batching mode. Choose one of: {', '.join(MODES)}.")
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype} for the inputs must be a floating-point dtype (torch.float32 or float64).")
+    num_samples = len(dataset)
+    if mode == "full" or batch_size is None:
+        mode, batch_size, drop_last = "full", max(num_samples, 1), False
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer (or null for full-batch training).")
+    if drop_last and batch_size > num_samples:
+        raise ValueError(
+            f"batch_size={batch_size} with drop_last=true leaves no batch from a split of {num_samples} samples; "
+            f"lower the batch size or set drop_last=false."
+        )
+    if isinstance(dataset, TensorPairDataset):
+        return TensorBatches(dataset, batch_size, mode, device, dtype, seed, drop_last)
+    return LoaderBatches(dataset, batch_size, mode, device, dtype, seed, drop_last, num_workers)

@@ -1,0 +1,117 @@
+"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 from torchvision's on-disk formats.
+
+All four are small enough to hold in memory: the uint8 arrays that torchvision reads are normalised once into a
+``TensorPairDataset``. Only augmented CIFAR training goes through per-sample transforms (and so a DataLoader).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torchvision import datasets, transforms
+
+from data.base import Splits, TensorPairDataset, missing_files_error, parse_options, resolve_root
+
+MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
+
+# Per-channel mean and standard deviation of the training pixels (scaled to [0, 1]).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+
+
+def _normalised(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """uint8 images (N, C, H, W) -> float32 ``(x / 255 - mean) / std`` per channel."""
+    shape = (1, len(mean), 1, 1)
+    x = images.to(torch.float32).div_(255)
+    return x.sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))
+
+
+def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: str, download: bool, **kwargs):
+    """``(train, test)`` torchvision datasets; a missing (or undownloadable) dataset becomes our FileNotFoundError."""
+    try:
+        train = cls(root, train=True, download=download, **kwargs)
+        test = cls(root, train=False, download=False, **kwargs)
+    except (RuntimeError, OSError) as error:  # torchvision's "Dataset not found", or a failed download
+        reason = f"download failed: {error}" if download else "dataset.download is false"
+        raise missing_files_error(name, folder, expected, reason.splitlines()[0]) from error
+    return train, test
+
+
+def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool, options: dict) -> Splits:
+    parse_options(name, options)
+    root = resolve_root(name, root)
+    folder = os.path.join(root, cls.__name__, "raw")
+    train, test = _load_torchvision(name, cls, root, folder, MNIST_FILES, download)
+    # Read the uint8 tensors torchvision already parsed ((N, 28, 28)); never go through PIL images.
+    splits = [
+        TensorPairDataset(_normalised(d.data.unsqueeze(1), (mean,), (std,)), d.targets.long()) for d in (train, test)
+    ]
+    return Splits(name, splits[0], splits[1], (1, 28, 28), 10, "cross_entropy", in_memory=True)
+
+
+def build_mnist(root: str, download: bool = False, **options) -> Splits:
+    return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download, options)
+
+
+def build_fashion_mnist(root: str, download: bool = False, **options) -> Splits:
+    return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, options)
+
+
+class _CIFAR10Files(datasets.CIFAR10):
+    """torchvision's CIFAR-10 without the MD5 checks, used when ``download`` is false.
+
+    torchvision verifies every batch file against its MD5 in ``_check_integrity`` (and ``batches.meta`` in
+    ``_load_meta``), both through ``check_integrity(path, md5)``, which only tests that the file exists when the MD5
+    is None. Clearing the MD5s trusts files already on disk (hashing 180 MB at every start is slow, and the tests
+    write small files in the real format). With ``download=True`` the stock class, MD5s included, is used.
+    """
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR10.test_list]
+    meta = {**datasets.CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100Files(datasets.CIFAR100):
+    """torchvision's CIFAR-100 without the MD5 checks; see ``_CIFAR10Files``."""
+
+    train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
+    meta = {**datasets.CIFAR100.meta, "md5": None}
+
+
+def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, download, options) -> Splits:
+    opts = parse_options(name, options, augment=False)
+    root = resolve_root(name, root)
+    folder = os.path.join(root, stock.base_folder)
+    files = [f for f, _ in stock.train_list + stock.test_list] + [stock.meta["filename"]]
+    expected = f"torchvision's python-version batches in {stock.base_folder}/ ({', '.join(files)})"
+    train, test = _load_torchvision(name, stock if download else local, root, folder, expected, download)
+
+    def in_memory(d) -> TensorPairDataset:  # d.data is uint8 (N, 32, 32, 3)
+        images = torch.from_numpy(d.data).permute(0, 3, 1, 2)
+        return TensorPairDataset(_normalised(images, mean, std).contiguous(), torch.tensor(d.targets))
+
+    test_set = in_memory(test)
+    if not opts["augment"]:
+        return Splits(name, in_memory(train), test_set, (3, 32, 32), classes, "cross_entropy", in_memory=True)
+    train.transform = transforms.Compose(
+        [
+            transforms.RandomCrop(32, padding=4),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean, std),
+        ]
+    )
+    # Augmented training samples are made per step (DataLoader path); the test split stays in memory.
+    return Splits(name, train, test_set, (3, 32, 32), classes, "cross_entropy", in_memory=False)
+
+
+def build_cifar10(root: str, download: bool = False, **options) -> Splits:
+    return _cifar("cifar10", datasets.CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download, options)
+
+
+def build_cifar100(root: str, download: bool = False, **options) -> Splits:
+    return _cifar(
+        "cifar100", datasets.CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download, options
+    )

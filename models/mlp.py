@@ -1,0 +1,56 @@
+"""Fully-connected networks: flatten -> [Linear -> activation] * len(hidden) -> Linear.
+
+One builder covers the MLPs of the seeds (see conf/model/mlp*.yaml): logistic regression (no hidden
+layer, seed 001), 784-800-10 ReLU (seed 002), 1-15-15-1 ReLU sine regression (seed 002),
+128-64-32-10 tanh (seed 003), linear-ReLU-linear (seed 004) and 1-/2-hidden-layer nets (seed 001).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from models.common import check_num_outputs, flat_size, make_activation
+
+
+class MLP(nn.Module):
+    def __init__(
+        self, in_features: int, hidden: Sequence[int], num_outputs: int, activation: str, bias: bool
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h, bias=bias), make_activation(activation, "mlp")]
+            width = h
+        layers.append(nn.Linear(width, num_outputs, bias=bias))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.flatten(1))
+
+
+def build_mlp(
+    input_shape: Sequence[int],
+    num_outputs: int,
+    hidden: Sequence[int] = (128,),
+    activation: str = "relu",
+    bias: bool = True,
+) -> MLP:
+    """An MLP on the flattened input. ``hidden=[]`` gives a linear (logistic-regression) model."""
+    hidden = list(hidden)
+    if any(isinstance(h, bool) or int(h) != h or h < 1 for h in hidden):
+        raise ValueError(
+            f"Model 'mlp': hidden={hidden} must be a list of positive integers (layer widths), "
+            "e.g. model.hidden=[128,64]; use model.hidden=[] for a model without hidden layer."
+        )
+    make_activation(activation, "mlp")  # validates the name even when there is no hidden layer
+    return MLP(
+        flat_size(input_shape),
+        [int(h) for h in hidden],
+        check_num_outputs("mlp", num_outputs),
+        activation,
+        bool(bias),
+    )

@@ -1,0 +1,446 @@
+"""One batch = one objective: the loss, gradient and curvature products of a model on one batch.
+
+Every optimiser's ``step(objective)`` talks to this object only. It owns:
+
+* the caching: one forward pass per batch; for Gauss-Newton products a linearisation built once and reused by every
+  product of a CG solve (a cached GGN product costs a fraction of a gradient instead of a fresh forward each time);
+* the policies: curvature sub-batch (Martens 2010 sec. 4.3), dropout masks and batch-norm statistics held fixed for
+  every evaluation on this batch (trial losses replay the forward's RNG state and never touch running statistics);
+* the bookkeeping: how many products were taken and how long they took;
+* the one place where a data-parallel run would average across ranks (``_reduce``).
+
+Notation (seed 003 sec. 2.3): f = network outputs (B, o), J = df/dw, g_f = dL/df, H_L = d^2L/df^2.
+GGN: G v = J^T H_L J v (seed 003 eq. 10-12). Hessian: H v by Pearlmutter's trick (seed 000, Pearlmutter 1994).
+
+Backends (``ggn_backend``):
+  double_backward  J^T u is built once with ``create_graph`` (u a leaf); J v = d<J^T u, v>/du is one backward through
+                   that graph, and J^T w reuses the forward's graph. Default: fastest measured on CPU.
+  linearize        ``torch.func.linearize``: traces a tangent-only forward once per batch; each J v replays it. High
+                   set-up cost per batch, cheap products: for long CG solves on large batches.
+  forward_ad       dual-number forward per product (no caching): the reference for comparisons.
+``hvp_backend``:
+  double_backward  gradient built once with ``create_graph``; H v = d<g, v>/dw per product (Pearlmutter 1994).
+  forward_over_reverse  ``torch.func.jvp`` of ``torch.func.grad``: recomputes forward and backward per product.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from optimizers.losses import Loss, get_loss
+from optimizers.vec import add_to_params, flatten, unflatten
+
+GGN_BACKENDS = ("double_backward", "linearize", "forward_ad")
+HVP_BACKENDS = ("double_backward", "forward_over_reverse")
+
+
+class Objective:
+    """The loss of ``model`` on one batch, with its gradient and curvature products on flat parameter vectors."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Loss | str,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        ggn_backend: str = "double_backward",
+        hvp_backend: str = "double_backward",
+        curvature_batch_size: int | None = None,
+        per_sample_chunk: int = 64,
+    ):
+        if ggn_backend not in GGN_BACKENDS:
+            raise ValueError(f"objective.ggn_backend={ggn_backend!r} is not one of {list(GGN_BACKENDS)}.")
+        if hvp_backend not in HVP_BACKENDS:
+            raise ValueError(f"objective.hvp_backend={hvp_backend!r} is not one of {list(HVP_BACKENDS)}.")
+        if curvature_batch_size is not None and curvature_batch_size < 1:
+            raise ValueError(f"objective.curvature_batch_size must be a positive integer or null, got {curvature_batch_size}.")
+        self.model, self.loss_fn = model, get_loss(loss_fn)
+        self.inputs, self.targets = inputs, targets
+        self.ggn_backend, self.hvp_backend = ggn_backend, hvp_backend
+        self.curvature_batch_size = curvature_batch_size
+        self.per_sample_chunk = per_sample_chunk
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params: list[Tensor] = [p for _, p in named]
+        self.numel = sum(p.numel() for p in self.params)
+        self.product_count = {"ggn": 0, "hvp": 0, "jvp": 0, "vjp": 0}
+        self._timer = _ProductTimer(self.params[0].device if self.params else torch.device("cpu"))
+        self._clear()
+
+    # ------------------------------------------------------------------ forward, loss, gradient
+    def _clear(self) -> None:
+        self._outputs: Tensor | None = None
+        self._loss: Tensor | None = None
+        self._grad: Tensor | None = None
+        self._rng: tuple | None = None
+        self._curv: _CurvatureBatch | None = None
+        self._ggn_cache = None  # backend-specific linearisation
+        self._hvp_graph: list[Tensor] | None = None
+
+    def _forward(self) -> Tensor:
+        if self._outputs is None:
+            self._rng = _capture_rng(self.inputs.device)
+            with torch.enable_grad():
+                self._outputs = self.model(self.inputs)
+                self._loss = self.loss_fn(self._outputs, self.targets)
+        return self._outputs
+
+    def outputs(self) -> Tensor:
+        """Network outputs f on the batch (B, o), detached."""
+        return self._forward().detach()
+
+    def loss(self) -> Tensor:
+        """The batch loss at the current parameters (0-dim, detached)."""
+        self._forward()
+        return self._reduce(self._loss.detach())
+
+    def backward(self) -> Tensor:
+        """First-order path: forward and ``loss.backward()`` into ``p.grad``; returns the loss. Frees the graph."""
+        self._forward()
+        self._loss.backward()
+        if _distributed():
+            for p in self.params:
+                if p.grad is not None:
+                    self._reduce_(p.grad)
+        loss = self._reduce(self._loss.detach())
+        self._outputs = self._loss = None
+        return loss
+
+    def gradient(self) -> Tensor:
+        """Flat gradient of the batch loss (cached). ``prepare`` first when products will follow, to share the pass."""
+        if self._grad is None:
+            self._forward()
+            grads = torch.autograd.grad(self._loss, self.params, retain_graph=True, allow_unused=True)
+            self._grad = self._reduce(_flat_or_zero(grads, self.params))
+        return self._grad
+
+    def output_grad(self) -> Tensor:
+        """g_f = dL/df (B, o), closed form for the matching losses."""
+        return self.loss_fn.output_grad(self._forward(), self.targets)
+
+    def prepare(self, curvature: str = "ggn") -> Tensor:
+        """Build what ``curvature`` products need in the same backward pass as the gradient; returns the gradient.
+
+        For the double-backward backends the gradient comes out of the graph the products reuse, so a method that
+        calls ``prepare`` first pays one backward for both.
+        """
+        if curvature not in ("ggn", "hessian"):
+            raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
+        self._forward()
+        shared = self.curvature_batch_size is None or self.curvature_batch_size >= self.inputs.shape[0]
+        if curvature == "ggn" and self.ggn_backend == "double_backward" and shared and self._ggn_cache is None:
+            u = self.loss_fn.output_grad(self._outputs, self.targets).requires_grad_(True)
+            with torch.enable_grad():
+                jtu = torch.autograd.grad(self._outputs, self.params, u, create_graph=True, allow_unused=True)
+            self._ggn_cache = _DoubleBackwardJ(self._outputs, u, jtu, self.params)
+            if self._grad is None:
+                self._grad = self._reduce(_flat_or_zero(jtu, self.params).detach())
+        elif curvature == "hessian" and self.hvp_backend == "double_backward" and shared and self._hvp_graph is None:
+            with torch.enable_grad():
+                g = torch.autograd.grad(self._loss, self.params, create_graph=True, allow_unused=True)
+            self._hvp_graph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, self.params)]
+            if self._grad is None:
+                self._grad = self._reduce(flatten([gi.detach() for gi in self._hvp_graph]))
+        return self.gradient()
+
+    # ------------------------------------------------------------------ curvature products
+    def ggn_vp(self, v: Tensor) -> Tensor:
+        """G v = J^T H_L J v on the curvature batch (undamped)."""
+        with self._timer("ggn"):
+            self.product_count["ggn"] += 1
+            cb = self._curvature_batch()
+            jv = self._jvp(cb, v)
+            return self._reduce(self._vjp(cb, self.loss_fn.hessian_vp(cb.outputs, cb.targets, jv)))
+
+    def hvp(self, v: Tensor) -> Tensor:
+        """H v, the exact Hessian of the loss on the curvature batch times v (undamped)."""
+        with self._timer("hvp"):
+            self.product_count["hvp"] += 1
+            cb = self._curvature_batch()
+            if self.hvp_backend == "forward_over_reverse":
+                return self._reduce(self._hvp_forward_over_reverse(cb, v))
+            if cb.shared:
+                self.prepare("hessian")
+                graph = self._hvp_graph
+            else:
+                graph = cb.hessian_graph(self.params)
+            hv = torch.autograd.grad(graph, self.params, unflatten(v, self.params), retain_graph=True, allow_unused=True)
+            return self._reduce(_flat_or_zero(hv, self.params))
+
+    def curvature_vp(self, v: Tensor, curvature: str = "ggn") -> Tensor:
+        """G v or H v by name: the one entry point solvers use."""
+        return self.ggn_vp(v) if curvature == "ggn" else self.hvp(v)
+
+    def jvp(self, v: Tensor) -> Tensor:
+        """J v: output-space directional derivative (B, o) on the curvature batch."""
+        with self._timer("jvp"):
+            self.product_count["jvp"] += 1
+            return self._jvp(self._curvature_batch(), v)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """J^T w for an output-shaped w on the curvature batch, as a flat vector."""
+        with self._timer("vjp"):
+            self.product_count["vjp"] += 1
+            return self._reduce(self._vjp(self._curvature_batch(), w))
+
+    def loss_hessian_vp(self, u: Tensor) -> Tensor:
+        """H_L u on the curvature batch's outputs."""
+        cb = self._curvature_batch()
+        return self.loss_fn.hessian_vp(cb.outputs, cb.targets, u)
+
+    def curvature_output_grad(self) -> Tensor:
+        """g_f on the curvature batch (equals ``output_grad`` when no sub-batch is used)."""
+        cb = self._curvature_batch()
+        return self.loss_fn.output_grad(cb.outputs, cb.targets)
+
+    def _curvature_batch(self) -> _CurvatureBatch:
+        if self._curv is None:
+            self._forward()
+            k = self.curvature_batch_size
+            if k is None or k >= self.inputs.shape[0]:
+                self._curv = _CurvatureBatch(self.inputs, self.targets, self._outputs, self._loss, shared=True)
+            else:
+                # Martens 2010 sec. 4.3: curvature on a sub-batch. Its forward must not move BN running statistics.
+                x, y = self.inputs[:k], self.targets[:k]
+                with torch.enable_grad():
+                    out = self._call(dict(zip(self.names, self.params)), x)
+                self._curv = _CurvatureBatch(x, y, out, self.loss_fn(out, y), shared=False)
+        return self._curv
+
+    def _jvp(self, cb: _CurvatureBatch, v: Tensor) -> Tensor:
+        if self.ggn_backend == "double_backward":
+            if cb.shared:
+                self.prepare("ggn")
+                cache = self._ggn_cache
+            else:
+                cache = cb.double_backward_j(self.params)
+            return cache.jvp(v)
+        if self.ggn_backend == "linearize":
+            if cb.linearized is None:
+                with self._replay_rng():
+                    _, cb.linearized = torch.func.linearize(
+                        lambda p: functional_call(self.model, {**p, **_buffer_copies(self.model)}, (cb.inputs,)),
+                        dict(zip(self.names, (p.detach() for p in self.params))),
+                    )
+            return cb.linearized(dict(zip(self.names, unflatten(v, self.params))))
+        return self._jvp_forward_ad(cb, v)
+
+    def _vjp(self, cb: _CurvatureBatch, w: Tensor) -> Tensor:
+        grads = torch.autograd.grad(cb.outputs, self.params, w, retain_graph=True, allow_unused=True)
+        return _flat_or_zero(grads, self.params)
+
+    def _jvp_forward_ad(self, cb: _CurvatureBatch, v: Tensor) -> Tensor:
+        import torch.autograd.forward_ad as fwad
+
+        with torch.no_grad(), self._replay_rng(), fwad.dual_level():
+            dual = {n: fwad.make_dual(p.detach(), t) for n, p, t in zip(self.names, self.params, unflatten(v, self.params))}
+            out = functional_call(self.model, {**dual, **_buffer_copies(self.model)}, (cb.inputs,))
+            return fwad.unpack_dual(out).tangent
+
+    def _hvp_forward_over_reverse(self, cb: _CurvatureBatch, v: Tensor) -> Tensor:
+        def grad_fn(p: dict[str, Tensor]) -> dict[str, Tensor]:
+            return torch.func.grad(lambda q: self.loss_fn(self._call(q, cb.inputs), cb.targets))(p)
+
+        primals = dict(zip(self.names, (p.detach() for p in self.params)))
+        tangents = dict(zip(self.names, unflatten(v, self.params)))
+        with self._replay_rng():
+            _, hv = torch.func.jvp(grad_fn, (primals,), (tangents,))
+        return flatten([hv[n] for n in self.names])
+
+    # ------------------------------------------------------------------ trial points and updates
+    def loss_at(self, delta: Tensor) -> Tensor:
+        """Loss at w + delta on the same batch, same dropout masks, without touching BN running statistics."""
+        params = {n: p.detach() + d for n, p, d in zip(self.names, self.params, unflatten(delta, self.params))}
+        with torch.no_grad(), self._replay_rng():
+            return self._reduce(self.loss_fn(self._call(params, self.inputs), self.targets))
+
+    def apply(self, delta: Tensor, alpha: float = 1.0) -> None:
+        """w <- w + alpha * delta in place. The objective's caches belong to the old w and are dropped."""
+        add_to_params(self.params, delta, alpha)
+        self._clear()
+
+    def per_sample_grad_sq_mean(self) -> Tensor:
+        """Mean over the batch of squared per-sample gradients (flat), for Martens' diagonal preconditioner.
+
+        Per-sample gradients (torch.func.vmap over samples) are taken with the network in eval mode: a single sample
+        has no batch statistics, and the preconditioner is a heuristic (Martens 2010 sec. 4.7).
+        """
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            params = {n: p.detach() for n, p in zip(self.names, self.params)}
+
+            def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+                return self.loss_fn(self._call(p, x.unsqueeze(0)), y.unsqueeze(0))
+
+            per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+            total = torch.zeros(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
+            n = self.inputs.shape[0]
+            for start in range(0, n, self.per_sample_chunk):
+                g = per_sample(params, self.inputs[start:start + self.per_sample_chunk], self.targets[start:start + self.per_sample_chunk])
+                total += torch.cat([g[name].pow(2).reshape(g[name].shape[0], -1).sum(0) for name in self.names])
+            return self._reduce(total / n)
+        finally:
+            self.model.train(was_training)
+
+    # ------------------------------------------------------------------ explicit matrices (small models, tests)
+    def hessian_matrix(self, chunk_size: int | None = 256) -> Tensor:
+        """Explicit Hessian (numel, numel) of the curvature-batch loss, by torch.func (independent of ``hvp``)."""
+        cb = self._curvature_batch()
+        flat0 = flatten([p.detach() for p in self.params])
+
+        def loss_of_flat(w: Tensor) -> Tensor:
+            return self.loss_fn(self._call(dict(zip(self.names, unflatten(w, self.params))), cb.inputs), cb.targets)
+
+        with self._replay_rng():
+            return torch.func.jacrev(torch.func.grad(loss_of_flat), chunk_size=chunk_size)(flat0)
+
+    def ggn_matrix(self, chunk_size: int | None = 256) -> Tensor:
+        """Explicit GGN J^T H_L J (numel, numel), with J from torch.func.jacrev (independent of ``ggn_vp``)."""
+        cb = self._curvature_batch()
+        flat0 = flatten([p.detach() for p in self.params])
+
+        def outputs_of_flat(w: Tensor) -> Tensor:
+            return self._call(dict(zip(self.names, unflatten(w, self.params))), cb.inputs)
+
+        with self._replay_rng():
+            jac = torch.func.jacrev(outputs_of_flat, chunk_size=chunk_size)(flat0)  # (B, o, numel)
+        blocks = self.loss_fn.hessian_blocks(cb.outputs.detach(), cb.targets)  # (B, o, o)
+        return torch.einsum("bip,bij,bjq->pq", jac, blocks, jac)
+
+    # ------------------------------------------------------------------ statistics and helpers
+    def stats(self) -> dict[str, float]:
+        """Counts and wall time of the products taken on this batch (merged into an optimiser's step statistics)."""
+        out = {f"curv/{k}_products": float(v) for k, v in self.product_count.items() if v}
+        out["curv/product_time"] = self._timer.total()
+        return out
+
+    def _call(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Functional forward with the given parameters and copies of the buffers (running stats stay untouched)."""
+        return functional_call(self.model, {**params, **_buffer_copies(self.model)}, (x,))
+
+    @contextlib.contextmanager
+    def _replay_rng(self) -> Iterator[None]:
+        """Re-draw the same dropout masks as the batch's forward pass."""
+        if self._rng is None:
+            self._forward()
+        devices = [self.inputs.device] if self.inputs.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            _restore_rng(self._rng, self.inputs.device)
+            yield
+
+    @staticmethod
+    def _reduce(t: Tensor) -> Tensor:
+        """Average across data-parallel ranks: the single all-reduce that makes every method distributed."""
+        if _distributed():
+            t = t.clone()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= dist.get_world_size()
+        return t
+
+    @staticmethod
+    def _reduce_(t: Tensor) -> None:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+
+
+class _CurvatureBatch:
+    """Outputs and loss of the batch the curvature products use (the gradient batch or a sub-batch of it)."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor, outputs: Tensor, loss: Tensor, shared: bool):
+        self.inputs, self.targets, self.outputs, self.loss, self.shared = inputs, targets, outputs, loss, shared
+        self.linearized = None
+        self._j: _DoubleBackwardJ | None = None
+        self._hgraph: list[Tensor] | None = None
+
+    def double_backward_j(self, params: list[Tensor]) -> _DoubleBackwardJ:
+        if self._j is None:
+            u = torch.zeros_like(self.outputs, requires_grad=True)
+            with torch.enable_grad():
+                jtu = torch.autograd.grad(self.outputs, params, u, create_graph=True, allow_unused=True)
+            self._j = _DoubleBackwardJ(self.outputs, u, jtu, params)
+        return self._j
+
+    def hessian_graph(self, params: list[Tensor]) -> list[Tensor]:
+        if self._hgraph is None:
+            with torch.enable_grad():
+                g = torch.autograd.grad(self.loss, params, create_graph=True, allow_unused=True)
+            self._hgraph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
+        return self._hgraph
+
+
+class _DoubleBackwardJ:
+    """J v as the derivative of <J^T u, v> with respect to the leaf u (the 'double-backward trick')."""
+
+    def __init__(self, outputs: Tensor, u: Tensor, jtu: tuple, params: list[Tensor]):
+        self.u = u
+        self.used = [i for i, g in enumerate(jtu) if g is not None and g.requires_grad]
+        self.jtu = [jtu[i] for i in self.used]
+        self.params = params
+        self.out_shape = outputs.shape
+
+    def jvp(self, v: Tensor) -> Tensor:
+        if not self.used:
+            return torch.zeros(self.out_shape, dtype=v.dtype, device=v.device)
+        vs = unflatten(v, self.params)
+        (jv,) = torch.autograd.grad(self.jtu, self.u, [vs[i] for i in self.used], retain_graph=True, allow_unused=True)
+        return jv if jv is not None else torch.zeros(self.out_shape, dtype=v.dtype, device=v.device)
+
+
+class _ProductTimer:
+    """Wall time of curvature products; CUDA events on a GPU so timing adds no host synchronisation per product."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.seconds = 0.0
+        self.events: list = []
+
+    @contextlib.contextmanager
+    def __call__(self, kind: str) -> Iterator[None]:
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.seconds += time.perf_counter() - t0
+
+    def total(self) -> float:
+        if self.events:
+            torch.cuda.synchronize()
+            self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
+            self.events.clear()
+        return self.seconds
+
+
+def _flat_or_zero(grads: tuple, params: list[Tensor]) -> Tensor:
+    return flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])
+
+
+def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
+    return {n: b.clone() for n, b in model.named_buffers()}
+
+
+def _capture_rng(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _restore_rng(state: tuple, device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
