@@ -33,8 +33,10 @@ def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: st
         train = cls(root, train=True, download=download, **kwargs)
         test = cls(root, train=False, download=False, **kwargs)
     except (RuntimeError, OSError) as error:  # torchvision's "Dataset not found", or a failed download
-        reason = f"download failed: {error}" if download else "dataset.download is false"
-        raise missing_files_error(name, folder, expected, reason.splitlines()[0]) from error
+        detail = " ".join(str(error).split())  # torchvision's message, on one line
+        detail = detail if len(detail) <= 200 else detail[:200] + "..."
+        reason = f"download failed: {detail}" if download else "dataset.download is false"
+        raise missing_files_error(name, folder, expected, reason) from error
     return train, test
 
 

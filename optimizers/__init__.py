@@ -8,8 +8,17 @@ Usable without the runner::
         stats = opt.step(Objective(model, "cross_entropy", x, y))
 """
 from optimizers.base import Optimizer
+from optimizers.cg import CGResult, pcg
 from optimizers.first_order import SGD, Adam
+from optimizers.gd import GradientDescent
+from optimizers.gradcheck import finite_difference_check
+from optimizers.hf import HessianFree
 from optimizers.losses import CrossEntropy, Loss, SquaredError, get_loss
+from optimizers.newton import Newton
 from optimizers.objective import Objective
+from optimizers.quasi_newton import LBFGS, NLCG
 
-__all__ = ["Optimizer", "Objective", "Loss", "CrossEntropy", "SquaredError", "get_loss", "SGD", "Adam"]
+__all__ = [
+    "Optimizer", "Objective", "Loss", "CrossEntropy", "SquaredError", "get_loss", "pcg", "CGResult",
+    "SGD", "Adam", "GradientDescent", "Newton", "HessianFree", "LBFGS", "NLCG", "finite_difference_check",
+]

@@ -53,7 +53,7 @@ class Objective:
         ggn_backend: str = "double_backward",
         hvp_backend: str = "double_backward",
         curvature_batch_size: int | None = None,
-        per_sample_chunk: int = 64,
+        per_sample_chunk: int | None = None,
     ):
         if ggn_backend not in GGN_BACKENDS:
             raise ValueError(f"objective.ggn_backend={ggn_backend!r} is not one of {list(GGN_BACKENDS)}.")
@@ -261,6 +261,22 @@ class Objective:
         with torch.no_grad(), self._replay_rng():
             return self._reduce(self.loss_fn(self._call(params, self.inputs), self.targets))
 
+    def loss_and_gradient_at(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Loss and flat gradient at w + delta (w = the parameters as they are now), evaluated afresh on the batch
+        with the same dropout masks and untouched BN running statistics: ``loss_at`` with a gradient. Valid after the
+        parameters moved in place (line searches that move them, e.g. torch's L-BFGS)."""
+        base = [p.detach() for p in self.params]
+        deltas = unflatten(delta, base) if delta is not None else [None] * len(base)
+        trial = [(b if d is None else b + d).requires_grad_(True) for b, d in zip(base, deltas)]
+        with torch.enable_grad(), self._replay_rng():
+            loss = self.loss_fn(self._call(dict(zip(self.names, trial)), self.inputs), self.targets)
+            grads = torch.autograd.grad(loss, trial, allow_unused=True)
+        return self._reduce(loss.detach()), self._reduce(_flat_or_zero(grads, trial))
+
+    def invalidate(self) -> None:
+        """Drop every cache (the parameters were moved by someone other than ``apply``)."""
+        self._clear()
+
     def apply(self, delta: Tensor, alpha: float = 1.0) -> None:
         """w <- w + alpha * delta in place. The objective's caches belong to the old w and are dropped."""
         add_to_params(self.params, delta, alpha)
@@ -283,24 +299,29 @@ class Objective:
             per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
             total = torch.zeros(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
             n = self.inputs.shape[0]
-            for start in range(0, n, self.per_sample_chunk):
-                g = per_sample(params, self.inputs[start:start + self.per_sample_chunk], self.targets[start:start + self.per_sample_chunk])
+            chunk = self.per_sample_chunk or max(1, min(n, 2**25 // self.numel))  # ~32M gradient entries at a time
+            for start in range(0, n, chunk):
+                g = per_sample(params, self.inputs[start:start + chunk], self.targets[start:start + chunk])
                 total += torch.cat([g[name].pow(2).reshape(g[name].shape[0], -1).sum(0) for name in self.names])
             return self._reduce(total / n)
         finally:
             self.model.train(was_training)
 
     # ------------------------------------------------------------------ explicit matrices (small models, tests)
-    def hessian_matrix(self, chunk_size: int | None = 256) -> Tensor:
-        """Explicit Hessian (numel, numel) of the curvature-batch loss, by torch.func (independent of ``hvp``)."""
+    def hessian_matrix(self, chunk_size: int = 512) -> Tensor:
+        """Explicit Hessian (numel, numel) of the curvature-batch loss: columns H e_i by functorch forward-over-reverse
+        (``torch.func.jvp`` of ``torch.func.grad``, vmapped over chunks of the basis), independent of ``hvp``."""
         cb = self._curvature_batch()
         flat0 = flatten([p.detach() for p in self.params])
 
         def loss_of_flat(w: Tensor) -> Tensor:
             return self.loss_fn(self._call(dict(zip(self.names, unflatten(w, self.params))), cb.inputs), cb.targets)
 
+        grad_fn = torch.func.grad(loss_of_flat)
+        column = torch.func.vmap(lambda e: torch.func.jvp(grad_fn, (flat0,), (e,))[1])
+        eye = torch.eye(self.numel, dtype=flat0.dtype, device=flat0.device)
         with self._replay_rng():
-            return torch.func.jacrev(torch.func.grad(loss_of_flat), chunk_size=chunk_size)(flat0)
+            return torch.cat([column(eye[i:i + chunk_size]) for i in range(0, self.numel, chunk_size)])
 
     def ggn_matrix(self, chunk_size: int | None = 256) -> Tensor:
         """Explicit GGN J^T H_L J (numel, numel), with J from torch.func.jacrev (independent of ``ggn_vp``)."""

@@ -3,7 +3,6 @@ their real on-disk formats), on-device batching, the synthetic problems, and eve
 
 from __future__ import annotations
 
-import math
 import os
 import pickle
 import re
@@ -13,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -56,10 +56,12 @@ def test_mnist_like_real_files(build, mean, std):
     assert torch.bincount(splits.train.targets).min().item() > 5000  # every class present (5,421 to 6,742)
 
 
-@pytest.mark.parametrize("build, name, folder", [(build_mnist, "mnist", "MNIST/raw"), (build_cifar10, "cifar10", "cifar-10-batches-py")])
+@pytest.mark.parametrize(
+    "build, name, folder", [(build_mnist, "mnist", "MNIST/raw"), (build_cifar10, "cifar10", "cifar-10-batches-py")]
+)
 def test_missing_files_error(tmp_path, build, name, folder):
-    expected_folder = re.escape(str(tmp_path / folder))
-    with pytest.raises(FileNotFoundError, match=rf"Dataset '{name}' was not found: searched {expected_folder}.*data_root"):
+    searched = re.escape(str(tmp_path / folder))
+    with pytest.raises(FileNotFoundError, match=rf"Dataset '{name}' was not found: searched {searched}.*data_root"):
         build(str(tmp_path))
 
 
@@ -287,7 +289,7 @@ def test_dtypes_float64_and_regression_targets():
     x, y = next(iter(make_batches(_toy(6), batch_size=6, dtype=torch.float64)))
     assert x.dtype == torch.float64 and y.dtype == torch.long
     regression = TensorPairDataset(torch.randn(5, 2), torch.randn(5, 1))
-    x, y = next(iter(make_batches(regression, batch_size=5, dtype=torch.float64)))
+    x, y = next(iter(make_batches(regression, batch_size=5, mode="sequential", dtype=torch.float64)))
     assert x.dtype == torch.float64 and y.dtype == torch.float64
     torch.testing.assert_close(y, regression.targets.double())
 
@@ -320,7 +322,8 @@ def test_digits_needs_no_files(tmp_path):
     assert (len(splits.train), len(splits.test)) == (1497, 300)
     assert splits.input_shape == (1, 8, 8) and splits.train.inputs.shape == (1497, 1, 8, 8)
     assert splits.train.targets.dtype == torch.long and splits.num_outputs == 10
-    assert abs(splits.train.inputs.mean().item()) < 1e-9 and splits.train.inputs.std().item() == pytest.approx(1, abs=1e-3)
+    assert abs(splits.train.inputs.mean().item()) < 1e-9
+    assert splits.train.inputs.std().item() == pytest.approx(1, abs=1e-3)
     assert torch.bincount(splits.test.targets).tolist() == pytest.approx([30] * 10, abs=1)  # stratified
     again = build_digits(str(tmp_path))
     assert torch.equal(again.test.inputs, splits.test.inputs)  # deterministic split
@@ -397,8 +400,10 @@ def test_file_configs_instantiate(tmp_path):
     assert _instantiate("cifar10", str(tmp_path)).num_outputs == 10
     assert _instantiate("cifar100", str(tmp_path)).num_outputs == 100
     assert _instantiate("imagenet", str(tmp_path)).num_outputs == 3
-    with pytest.raises(FileNotFoundError, match="'mnist'"):
+    # Hydra wraps whatever the target raises in an InstantiationException; ours is its __cause__.
+    with pytest.raises(InstantiationException) as caught:
         _instantiate("mnist", str(tmp_path))
+    assert isinstance(caught.value.__cause__, FileNotFoundError) and "'mnist'" in str(caught.value.__cause__)
 
 
 @needs_data

@@ -1,0 +1,145 @@
+"""Preconditioned conjugate gradient for the Hessian-free inner solve, and Martens' CG backtracking.
+
+``pcg`` minimises the quadratic q(x) = 1/2 x^T A x - b^T x (equivalently solves A x = b) for a symmetric A that it
+only sees through ``matvec``. It follows seed 002 Algorithm 2 and Martens 2010 sec. 4.4-4.6 (conjgrad_1.m):
+
+* residual convention r = A x - b, so q(x) = 1/2 (r - b)^T x comes for free every iteration (Martens sec. 4.4);
+* diagonal preconditioner M (the solver multiplies by M^-1 elementwise), warm start from the caller's ``x0``;
+* Martens' relative-progress stopping rule: stop at iteration i when i > k, q(x_i) < 0 and
+  (q(x_i) - q(x_{i-k})) / q(x_i) < k * martens_tol, with k = max(martens_gap, ceil(0.1 i)), never before
+  ``min_iters``. Martens uses martens_gap = 10; seed 002 Algorithm 2 starts its window at the minimum number of
+  CG steps t (j <- max{t, ...}), which is why it stops after 6-10 steps with t = 3;
+* p^T A p <= 0 (negative curvature, possible for an undamped Hessian) ends the solve at the last good iterate;
+* iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6).
+
+One host synchronisation per iteration: the scalars the stopping rules read are fetched together.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature")
+
+
+@dataclass
+class CGResult:
+    x: Tensor                    # final iterate
+    iterations: int              # CG iterations completed
+    stop_reason: str             # "martens" | "max_iters" | "tolerance" | "negative_curvature"
+    residual_norm: float         # |A x - b| (the recurrence's residual: no extra product)
+    model_decrease: float        # q(x) - q(x0) with q(x) = 1/2 x^T A x - b^T x   (negative = decrease)
+    iterates: list[tuple[int, Tensor]] = field(default_factory=list)  # (i, x_i) at i = ceil(5 * 1.3^j) and the last
+    phis: list[float] = field(default_factory=list)                   # phis[i] = q(x_i), i = 0 .. iterations
+
+
+def storage_schedule(max_iters: int) -> set[int]:
+    """Iterations whose iterate is kept for backtracking: ceil(5 * 1.3^j), j = 0, 1, ... (Martens 2010 sec. 4.6)."""
+    keep, j = set(), 0
+    while (i := math.ceil(5 * 1.3 ** j)) <= max_iters:
+        keep.add(i)
+        j += 1
+    return keep
+
+
+def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = None, precond: Tensor | None = None,
+        min_iters: int = 1, max_iters: int = 250, martens_tol: float = 5e-4, tol: float = 0.0,
+        store_iterates: bool = True, martens_gap: int = 10) -> CGResult:
+    """Minimise q(x) = 1/2 x^T A x - b^T x with A = ``matvec`` by preconditioned CG.
+
+    ``precond`` is the diagonal of M (positive), ``x0`` the warm start (zero when None). ``martens_tol = 0`` switches
+    Martens' rule off, ``tol`` > 0 stops once |r| <= tol |b|. An exactly zero residual always stops ("tolerance").
+    """
+    if min_iters < 0 or max_iters < 1 or min_iters > max_iters:
+        raise ValueError(f"pcg needs 0 <= min_iters <= max_iters and max_iters >= 1, got min_iters={min_iters}, "
+                         f"max_iters={max_iters}.")
+    if martens_tol < 0 or tol < 0 or martens_gap < 1:
+        raise ValueError(f"pcg needs martens_tol >= 0, tol >= 0 and martens_gap >= 1, got martens_tol={martens_tol}, "
+                         f"tol={tol}, martens_gap={martens_gap}.")
+    minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
+    if x0 is None:
+        x = torch.zeros_like(b)
+        r = -b                                  # r_0 = A 0 - b, no product needed
+    else:
+        x = x0.detach().clone()
+        r = matvec(x) - b
+    y = r if minv is None else r * minv
+    ry = torch.dot(r, y)
+    p = -y
+    phi0 = 0.5 * torch.dot(r - b, x)
+    head = torch.stack([phi0, ry, torch.dot(b, b)]).tolist()
+    phis = [head[0]]
+    b_norm = math.sqrt(head[2])
+    keep = storage_schedule(max_iters) if store_iterates else set()
+    iterates: list[tuple[int, Tensor]] = []
+    reason = "max_iters"
+    i = 0
+    if head[1] == 0.0:                          # x0 already solves the system exactly
+        reason = "tolerance"
+    while reason == "max_iters" and i < max_iters:
+        ap = matvec(p)
+        pap = torch.dot(p, ap)
+        alpha = ry / pap
+        # Candidate iterate i + 1; it is discarded if p turned out to be a direction of non-positive curvature.
+        x_new = x + alpha * p
+        r_new = r + alpha * ap
+        y_new = r_new if minv is None else r_new * minv
+        ry_new = torch.dot(r_new, y_new)
+        phi_new = 0.5 * torch.dot(r_new - b, x_new)
+        scalars = [pap, ry_new, phi_new] + ([torch.dot(r_new, r_new)] if tol > 0 else [])
+        host = torch.stack(scalars).tolist()    # the one host sync of this iteration
+        if not host[0] > 0.0:                   # p^T A p <= 0 (or nan): keep the last good iterate
+            reason = "negative_curvature"
+            break
+        i += 1
+        x, r, y = x_new, r_new, y_new
+        phis.append(host[2])
+        if i in keep:
+            iterates.append((i, x))
+        p = -y + (ry_new / ry) * p
+        ry = ry_new
+        if host[1] == 0.0 or (tol > 0 and math.sqrt(host[3]) <= tol * b_norm):
+            reason = "tolerance"
+        elif martens_tol > 0 and i >= min_iters and _martens_stop(phis, i, martens_tol, martens_gap):
+            reason = "martens"
+    if not iterates or iterates[-1][0] != i:
+        iterates.append((i, x))
+    return CGResult(x=x, iterations=i, stop_reason=reason, residual_norm=float(r.norm()),
+                    model_decrease=phis[-1] - phis[0], iterates=iterates, phis=phis)
+
+
+def _martens_stop(phis: list[float], i: int, martens_tol: float, martens_gap: int) -> bool:
+    """Martens 2010 sec. 4.4: relative progress over the last k iterations is below k * martens_tol."""
+    k = max(martens_gap, math.ceil(0.1 * i))
+    return i > k and phis[i] < 0 and (phis[i] - phis[i - k]) / phis[i] < k * martens_tol
+
+
+def cg_backtrack(iterates: list[tuple[int, Tensor]], loss_at: Callable[[Tensor], Tensor]) -> tuple[int, Tensor, Tensor]:
+    """Martens 2010 sec. 4.6: walk back from the last stored iterate while the objective keeps improving.
+
+    Returns (CG iteration of the chosen iterate, the iterate, its loss). Costs one ``loss_at`` per iterate visited.
+    A non-finite loss never counts as an improvement.
+    """
+    if not iterates:
+        raise ValueError("cg_backtrack needs at least one stored iterate")
+    best_i, best_x = iterates[-1]
+    best_loss = loss_at(best_x)
+    best = _as_float(best_loss)
+    for i, x in reversed(iterates[:-1]):
+        loss = loss_at(x)
+        value = _as_float(loss)
+        if value < best:
+            best_i, best_x, best_loss, best = i, x, loss, value
+        elif best < math.inf:   # stop at the first iterate that does not improve (keep walking past inf/nan ones)
+            break
+    return best_i, best_x, best_loss
+
+
+def _as_float(loss: Tensor | float) -> float:
+    """The loss as a float, with nan and -inf read as +inf (never an improvement)."""
+    value = float(loss)
+    return value if math.isfinite(value) else math.inf

@@ -1,0 +1,316 @@
+"""Newton (explicit and CG) and gradient descent on float64 problems with known answers: linear least squares (one
+Newton step is exact), the deterministic Rosenbrock function (minimum (1, 1)), and 1 - cos(x) (plain Newton is drawn
+to the maximum at pi, seed 004's diverging baseline)."""
+import inspect
+import math
+from pathlib import Path
+
+import hydra
+import pytest
+import torch
+from omegaconf import OmegaConf
+from torch import nn
+
+from models.problems import Rosenbrock
+from optimizers.gd import GradientDescent
+from optimizers.newton import Newton
+from optimizers.objective import Objective
+from optimizers.vec import params_vector
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "optimizer"
+ONE = torch.ones(2, dtype=torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------- problems
+def least_squares(seed: int = 0):
+    """nn.Linear(4, 2) fitted by "mse" to random data, and its minimiser from an independent lstsq."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(12, 4, generator=g, dtype=torch.float64)
+    y = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 2).double()
+    xa = torch.cat([x, torch.ones(12, 1, dtype=torch.float64)], dim=1)
+    theta = torch.linalg.lstsq(xa, y).solution  # (5, 2): rows 0-3 = W^T, row 4 = bias
+    w_star = torch.cat([theta[:4].T.reshape(-1), theta[4]])
+    return model, x, y, xa, theta, w_star
+
+
+def rosenbrock(start) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """f(u, v) = (1 - u)^2 + 100 (v - u^2)^2: one noise sample eps = 1, residual targets 0, "sse" loss."""
+    return Rosenbrock(start).double(), torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+
+
+def rosenbrock_grad(w: torch.Tensor) -> torch.Tensor:
+    u, v = w
+    return torch.stack([-2 * (1 - u) - 400 * u * (v - u * u), 200 * (v - u * u)])
+
+
+class OneMinusCos(nn.Module):
+    """Residual sqrt(2) sin(x/2): with "sse" the loss is 2 sin^2(x/2) = 1 - cos(x), minima 2 pi k, maxima pi + 2 pi k."""
+
+    def __init__(self, x0: float):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor([x0], dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (math.sqrt(2.0) * torch.sin(self.x / 2)).expand(inputs.shape[0], 1)
+
+
+def tiny_mlp(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+
+
+def mlp_data(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(10, 3, generator=g, dtype=torch.float64), torch.randn(10, 2, generator=g, dtype=torch.float64)
+
+
+def run(opt, model, x, y, steps, loss="sse"):
+    return [opt.step(Objective(model, loss, x, y)) for _ in range(steps)]
+
+
+# ---------------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("step_size", ["armijo", "fixed"])
+def test_explicit_newton_solves_least_squares_in_one_step(step_size):
+    model, x, y, _, _, w_star = least_squares()
+    assert (params_vector(model.parameters()) - w_star).abs().max() > 0.1
+    stats = run(Newton(model.parameters(), solver="explicit", step_size=step_size), model, x, y, 1, "mse")[0]
+    assert (params_vector(model.parameters()) - w_star).abs().max() < 1e-10
+    assert stats["solve"] == "solve" and stats["fallback"] == 0 and stats["step_size"] == 1.0
+    assert stats["descent_cosine"] > 0
+
+
+@pytest.mark.parametrize("cg_init", ["zero", "weights"])
+def test_cg_newton_solves_least_squares_in_one_step(cg_init):
+    model, x, y, _, _, w_star = least_squares()
+    stats = run(Newton(model.parameters(), solver="cg", cg_init=cg_init), model, x, y, 1, "mse")[0]
+    assert (params_vector(model.parameters()) - w_star).abs().max() < 1e-8
+    assert stats["solve"] == "cg" and stats["cg/stop"] in ("martens", "tolerance")
+    assert stats["cg/iters"] >= 10  # 10 unknowns: CG needs (at least) that many iterations to be exact
+    # one Hessian-vector product per CG iteration, plus the initial residual of a warm start
+    assert stats["curv/hvp_products"] == stats["cg/iters"] + (cg_init == "weights")
+
+
+def test_damped_step_equals_independent_solve():
+    model, (x, y), lam = tiny_mlp(), mlp_data(), 0.7
+    w0 = params_vector(model.parameters())
+    shapes = [p.shape for p in model.parameters()]
+
+    def loss_of(w):  # the same network written out by hand
+        w1, b1, w2, b2 = torch.split(w, [s.numel() for s in shapes])
+        out = torch.tanh(x @ w1.view(shapes[0]).T + b1) @ w2.view(shapes[2]).T + b2
+        return (out - y).pow(2).sum() / x.shape[0]
+
+    g = torch.func.grad(loss_of)(w0)
+    hess = torch.autograd.functional.hessian(loss_of, w0)
+    expected = -torch.linalg.solve(hess + lam * torch.eye(w0.numel(), dtype=torch.float64), g)
+    opt = Newton(model.parameters(), damping=lam, step_size="fixed", descent_check="none")
+    stats = run(opt, model, x, y, 1)[0]
+    assert ((params_vector(model.parameters()) - w0) - expected).abs().max() < 1e-10
+    assert stats["damping"] == lam
+
+
+def test_singular_hessian_uses_pseudo_inverse():
+    class LinearWithUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.lin = nn.Linear(4, 2).double()
+            self.unused = nn.Parameter(torch.ones(1, dtype=torch.float64))  # zero row and column in H
+
+        def forward(self, inputs):
+            return self.lin(inputs)
+
+    _, x, y, _, _, w_star = least_squares()
+    model = LinearWithUnused()
+    stats = run(Newton(model.parameters(), step_size="fixed", descent_check="none"), model, x, y, 1, "mse")[0]
+    assert stats["solve"] == "pinv" and abs(float(stats["min_eigenvalue"])) < 1e-12
+    assert (params_vector(model.lin.parameters()) - w_star).abs().max() < 1e-10
+    assert model.unused.item() == 1.0
+
+
+# ---------------------------------------------------------------------------------------------------- Rosenbrock
+def steps_to_minimum(opt, model, x, y, max_steps, tol=1e-6):
+    for k in range(1, max_steps + 1):
+        stats = opt.step(Objective(model, "sse", x, y))
+        if (params_vector(model.parameters()) - ONE).abs().max() < tol:
+            return k, stats
+    return None, stats
+
+
+@pytest.mark.parametrize("solver", ["explicit", "cg"])
+def test_newton_armijo_reaches_rosenbrock_minimum(solver):
+    model, x, y = rosenbrock((-1.2, 1.0))  # H positive definite along the way: no fall-back
+    opt = Newton(model.parameters(), solver=solver)
+    k, _ = steps_to_minimum(opt, model, x, y, 40)
+    assert k is not None and k <= 25  # measured: 20 steps with either solver
+
+
+@pytest.mark.parametrize("check, threshold", [("cosine", -1e-8), ("slope", 0.0)])
+def test_indefinite_start_falls_back_to_gradient_and_converges(check, threshold):
+    model, x, y = rosenbrock((-1.3, 1.7))  # H eigenvalues -0.258 and 1550; the Newton direction ascends
+    u, v = model.xy.detach()
+    hessian = torch.stack([torch.stack([2 - 400 * (v - u * u) + 800 * u * u, -400 * u]),
+                           torch.stack([-400 * u, torch.tensor(200.0, dtype=torch.float64)])])
+    opt = Newton(model.parameters(), descent_check=check, descent_threshold=threshold, track_min_eigenvalue=True)
+    first = opt.step(Objective(model, "sse", x, y))
+    assert first["fallback"] == 1 and first["descent_cosine"] < 0
+    assert abs(float(first["min_eigenvalue"]) - float(torch.linalg.eigvalsh(hessian)[0])) < 1e-10
+    assert float(first["min_eigenvalue"]) < -0.25
+    assert first["line_search/success"] == 1 and 0 < first["line_search/rate"] < 1
+    assert float(Objective(model, "sse", x, y).loss()) < float(first["loss"])
+    k, last = steps_to_minimum(opt, model, x, y, 40)
+    assert k is not None and k <= 30  # measured: 20 more steps with either check
+    assert last["fallback"] == 0
+
+
+def test_fixed_step_fallback_is_a_gradient_step_with_fallback_lr():
+    model, x, y = rosenbrock((-1.3, 1.7))
+    w0 = params_vector(model.parameters())
+    stats = run(Newton(model.parameters(), step_size="fixed", fallback_lr=1e-4), model, x, y, 1)[0]
+    assert stats["fallback"] == 1 and stats["step_size"] == 1e-4
+    assert (params_vector(model.parameters()) - (w0 - 1e-4 * rosenbrock_grad(w0))).abs().max() < 1e-14
+
+
+def test_cg_negative_curvature_at_once_falls_back_to_gradient():
+    model, x, y = rosenbrock((-0.5, 2.5))  # g^T H g < 0: CG's first direction has negative curvature
+    opt = Newton(model.parameters(), solver="cg")
+    first = opt.step(Objective(model, "sse", x, y))
+    assert first["cg/stop"] == "negative_curvature" and first["cg/iters"] == 0
+    assert first["fallback"] == 1 and first["descent_cosine"] == 0 and first["line_search/success"] == 1
+    k, _ = steps_to_minimum(opt, model, x, y, 40)
+    assert k is not None and k <= 30  # measured: 21 more steps
+
+
+def test_absolute_slope_threshold_stalls_near_the_minimum():
+    # Why the default check is the cosine: seed 000's literal g^T s > T with a fixed T < 0 rejects every Newton step
+    # once g^T s ~ -2 f is above T, so the method degrades to gradient descent next to the minimiser.
+    model, x, y = rosenbrock((-1.3, 1.7))
+    stats = run(Newton(model.parameters(), descent_check="slope", descent_threshold=-1e-8), model, x, y, 30)
+    assert all(s["fallback"] == 1 for s in stats[-5:])
+    assert (params_vector(model.parameters()) - ONE).abs().max() > 1e-7
+
+
+def test_plain_newton_goes_to_the_maximum_damped_newton_to_the_minimum():
+    # 1 - cos(x) from x0 = 2 (f'' = cos 2 < 0): seed 004's undamped Newton x <- x - tan(x) converges to the maximum
+    # x = pi (loss 2); with lambda = 2 > max|cos| the damped step -sin x / (cos x + 2) always descends.
+    x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
+    plain = OneMinusCos(2.0)
+    run(Newton(plain.parameters(), step_size="fixed", descent_check="none"), plain, x, y, 6)
+    assert abs(plain.x.item() - math.pi) < 1e-10
+    damped = OneMinusCos(2.0)
+    run(Newton(damped.parameters(), damping=2.0, step_size="fixed", descent_check="none"), damped, x, y, 40)
+    assert abs(damped.x.item()) < 1e-6
+    # the globalised method (descent check + Armijo, no damping) also avoids the maximum
+    guarded = OneMinusCos(2.0)
+    stats = run(Newton(guarded.parameters()), guarded, x, y, 10)
+    assert stats[0]["fallback"] == 1 and abs(guarded.x.item()) < 1e-8
+
+
+# ---------------------------------------------------------------------------------------------------- gradient descent
+def test_pretraining_steps_are_plain_gradient_steps():
+    model, x, y = rosenbrock((-1.2, 1.0))
+    gd_model, _, _ = rosenbrock((-1.2, 1.0))
+    opt, gd = Newton(model.parameters(), pretrain_steps=3, pretrain_lr=1e-3), GradientDescent(gd_model.parameters(), lr=1e-3)
+    w = params_vector(model.parameters())
+    for _ in range(3):
+        stats = opt.step(Objective(model, "sse", x, y))
+        gd.step(Objective(gd_model, "sse", x, y))
+        w = w - 1e-3 * rosenbrock_grad(w)
+        assert stats["pretrain"] == 1 and "solve" not in stats
+        assert (params_vector(model.parameters()) - w).abs().max() < 1e-13
+        assert torch.equal(params_vector(model.parameters()), params_vector(gd_model.parameters()))
+    stats = opt.step(Objective(model, "sse", x, y))
+    assert stats["pretrain"] == 0 and stats["solve"] == "solve"
+
+
+def test_gradient_descent_fixed_step_matches_closed_form():
+    model, x, y, xa, theta_star, _ = least_squares()
+    lr, steps = 0.3, 25
+    theta0 = torch.cat([model.weight.detach().T, model.bias.detach()[None]])
+    run(GradientDescent(model.parameters(), lr=lr), model, x, y, steps, "mse")
+    # mse of a linear model: gradient A (theta - theta*) with A = 2 xa^T xa / (B o), so theta_k - theta* = (I - lr A)^k e_0
+    a = 2.0 * xa.T @ xa / (x.shape[0] * y.shape[1])
+    expected = theta_star + torch.linalg.matrix_power(torch.eye(5, dtype=torch.float64) - lr * a, steps) @ (theta0 - theta_star)
+    assert (model.weight.detach() - expected[:4].T).abs().max() < 1e-12
+    assert (model.bias.detach() - expected[4]).abs().max() < 1e-12
+
+
+def test_gradient_descent_armijo_decreases_monotonically():
+    model, x, y = rosenbrock((-1.2, 1.0))
+    stats = run(GradientDescent(model.parameters(), step_size="armijo"), model, x, y, 60)
+    losses = [float(s["loss"]) for s in stats]
+    assert all(b < a for a, b in zip(losses, losses[1:]))
+    assert all(s["line_search/success"] == 1 for s in stats) and losses[-1] < 0.5 * losses[0]
+
+
+# ---------------------------------------------------------------------------------------------------- state and errors
+@pytest.mark.parametrize("solver", ["explicit", "cg"])
+def test_state_dict_round_trip_is_bit_exact(solver):
+    (x, y), n = mlp_data(), 3
+    hyper = dict(solver=solver, damping=1e-3, pretrain_steps=2, pretrain_lr=0.05)
+    ref = tiny_mlp()
+    ref_opt = Newton(ref.parameters(), **hyper)
+    run(ref_opt, ref, x, y, 2 * n)
+
+    first = tiny_mlp()
+    opt = Newton(first.parameters(), **hyper)
+    run(opt, first, x, y, n)
+    model_state, opt_state = first.state_dict(), opt.state_dict()
+    resumed = tiny_mlp(seed=7)
+    resumed.load_state_dict(model_state)
+    resumed_opt = Newton(resumed.parameters(), **{**hyper, "damping": 5.0})
+    resumed_opt.load_state_dict(opt_state)
+    assert resumed_opt.damping == 1e-3 and resumed_opt.steps == n
+    run(resumed_opt, resumed, x, y, n)
+    assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
+
+
+def test_explicit_solver_refuses_large_models():
+    model = nn.Linear(200, 100).double()  # 20,100 parameters
+    with pytest.raises(ValueError, match=r"max_explicit_params=20000.*solver=cg"):
+        Newton(model.parameters())
+    Newton(model.parameters(), solver="cg")
+    Newton(model.parameters(), max_explicit_params=30_000)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(solver="lu"), r"optimizer.solver='lu'.*explicit"),
+    (dict(damping=-1.0), r"optimizer.damping"),
+    (dict(step_size="wolfe"), r"optimizer.step_size='wolfe'.*armijo"),
+    (dict(lr=0.0), r"optimizer.lr"),
+    (dict(beta=1.0), r"optimizer.beta.*\(0, 1\)"),
+    (dict(gamma=0.0), r"optimizer.gamma.*\(0, 1\)"),
+    (dict(max_evals=0), r"optimizer.max_evals"),
+    (dict(descent_check="angle"), r"optimizer.descent_check='angle'"),
+    (dict(descent_threshold=0.1), r"optimizer.descent_threshold.*<= 0"),
+    (dict(pretrain_steps=-1), r"optimizer.pretrain_steps"),
+    (dict(pretrain_lr=0.0), r"optimizer.pretrain_lr"),
+    (dict(fallback_lr=-1.0), r"optimizer.fallback_lr"),
+    (dict(cg_min_iters=5, cg_max_iters=2), r"optimizer.cg_min_iters"),
+    (dict(cg_init="random"), r"optimizer.cg_init='random'"),
+])
+def test_bad_hyperparameters_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Newton(tiny_mlp().parameters(), **kwargs)
+
+
+def test_gradient_descent_bad_hyperparameters_raise():
+    with pytest.raises(ValueError, match=r"optimizer.step_size='exact'"):
+        GradientDescent(tiny_mlp().parameters(), step_size="exact")
+    with pytest.raises(ValueError, match=r"optimizer.lr"):
+        GradientDescent(tiny_mlp().parameters(), lr=-0.1)
+
+
+@pytest.mark.parametrize("name, cls", [("newton", Newton), ("newton_cg", Newton), ("gd", GradientDescent)])
+def test_hydra_configs_instantiate_with_the_class_defaults(name, cls):
+    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    opt = hydra.utils.instantiate(cfg)(tiny_mlp().parameters())
+    assert type(opt) is cls
+    defaults = {k: v.default for k, v in inspect.signature(cls).parameters.items() if k != "params"}
+    keys = set(cfg) - {"_target_", "_partial_"}
+    assert keys == set(defaults)
+    assert {k: cfg[k] for k in keys if k != "solver"} == {k: defaults[k] for k in keys if k != "solver"}
+    if cls is Newton:
+        assert opt.solver == ("cg" if name == "newton_cg" else "explicit")
