@@ -51,8 +51,9 @@ class CurvlabConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
     data_root: str = "data"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | float64
+    threads: Optional[int] = None  # torch's CPU threads; null = torch's default (one per core)
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
 
 

@@ -1,0 +1,101 @@
+"""Turning the errors a user can cause into one clear paragraph (used by run.py).
+
+Known user errors: a bad config (unknown group choice, misspelled key, wrong type, unparsable override, missing
+value), bad values caught by curvlab's own checks (ValueError, TypeError), missing data (FileNotFoundError) and
+output folders that cannot be written (OSError). Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+EXIT_OK, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 2, 3
+
+
+def describe_user_error(exc: BaseException, during_job: bool = True) -> str | None:
+    """One paragraph for a known user error, or None when `exc` looks like a bug.
+
+    `during_job=False` for errors Hydra raises before a job starts, where an OSError can only come from creating
+    the output folder.
+    """
+    if isinstance(exc, OSError) and not isinstance(exc, HydraException) and not during_job:
+        where = f" '{exc.filename}'" if exc.filename else ""
+        return _one_paragraph(
+            f"cannot create the output folder{where}: {exc.strerror or exc}. Choose a writable output folder "
+            f"with hydra.run.dir=/path/to/folder (or hydra.sweep.dir=/path/to/folder with -m)."
+        )
+    if isinstance(exc, MissingConfigException):
+        return _missing_config(exc)
+    if isinstance(exc, InstantiationException) and exc.__cause__ is not None:
+        if describe_user_error(exc.__cause__) is None:
+            return None  # a builder crashed: a bug, keep the traceback
+    if isinstance(exc, HydraException):
+        return _config_error(exc)
+    if isinstance(exc, OmegaConfBaseException):
+        return _one_paragraph(_omegaconf_message(exc))
+    if isinstance(exc, (ValueError, TypeError, OSError)):  # OSError: missing data files, unwritable folders
+        return _one_paragraph(str(exc))
+    return None
+
+
+def debug_enabled() -> bool:
+    return os.environ.get("CURVLAB_DEBUG", "") not in ("", "0")
+
+
+def _missing_config(exc: MissingConfigException) -> str:
+    path = exc.missing_cfg_file or ""
+    if "/" in path and exc.options is not None:
+        group, choice = path.rsplit("/", 1)
+        options = ", ".join(exc.options) or "none"
+        return (
+            f"'{choice}' is not a choice of the config group '{group}'. Valid choices for {group}: {options}. "
+            f"(The choices are the files conf/{group}/<name>.yaml.)"
+        )
+    return _one_paragraph(str(exc).split("\nConfig search path")[0])
+
+
+def _config_error(exc: HydraException) -> str:
+    cause = exc.__cause__
+    text = str(exc)
+    override = re.search(r"override (\S+)", text)
+    if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(exc, ConfigCompositionException):
+        key = cause.full_key or (text.split("'")[1] if "'" in text else "?")
+        parent = cause.parent_node if isinstance(cause.parent_node, DictConfig) else None
+        valid = _keys(parent)
+        where = key.rsplit(".", 1)[0] if "." in key else "the top level"
+        hint = f" Valid keys under {where}: {valid}." if valid else ""
+        if parent is not None and OmegaConf.get_type(parent) is dict:  # a free-form group such as model/optimizer
+            hint += f" To add a new key on purpose, prefix it with +, e.g. +{key}=..."
+        return f"'{key}' is not a config key (misspelled?).{hint}"
+    if isinstance(cause, OmegaConfBaseException):
+        detail = _omegaconf_message(cause)
+        prefix = f"invalid override {override.group(1)}: " if override else ""
+        return _one_paragraph(prefix + detail)
+    return _one_paragraph(text.split("\nConfig search path")[0])
+
+
+def _omegaconf_message(exc: OmegaConfBaseException) -> str:
+    """The first line of OmegaConf's message, plus the key it is about."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    key = getattr(exc, "full_key", None)
+    if key and key not in message:
+        message += f" (key: {key})"
+    return message
+
+
+def _keys(node: DictConfig | None) -> str:
+    if node is None:
+        return ""
+    keys = [str(k) for k in node.keys() if not str(k).startswith("_") and k != "hydra"]
+    return ", ".join(sorted(keys))
+
+
+def _one_paragraph(text: Any) -> str:
+    return " ".join(str(text).split())
