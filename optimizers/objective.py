@@ -25,13 +25,17 @@ Backends (``ggn_backend``):
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from collections.abc import Iterator
 
 import torch
+import torch.autograd.forward_ad as fwad
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.overrides import TorchFunctionMode
 
 from optimizers.losses import Loss, get_loss
 from optimizers.vec import add_to_params, flatten, unflatten
@@ -66,13 +70,30 @@ class Objective:
         self.ggn_backend, self.hvp_backend = ggn_backend, hvp_backend
         self.curvature_batch_size = curvature_batch_size
         self.per_sample_chunk = per_sample_chunk
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.names = [n for n, _ in named]
-        self.params: list[Tensor] = [p for _, p in named]
-        self.numel = sum(p.numel() for p in self.params)
         self.product_count = {"ggn": 0, "hvp": 0, "jvp": 0, "vjp": 0}
-        self._timer = _ProductTimer(self.params[0].device if self.params else torch.device("cpu"))
         self._clear()
+
+    # Built on first use, so the first-order path (``backward`` only) pays nothing for them.
+    @functools.cached_property
+    def _named(self) -> list[tuple[str, Tensor]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    @functools.cached_property
+    def names(self) -> list[str]:
+        return [n for n, _ in self._named]
+
+    @functools.cached_property
+    def params(self) -> list[Tensor]:
+        """The trainable parameters, in ``model.named_parameters()`` order (the flat-vector layout)."""
+        return [p for _, p in self._named]
+
+    @functools.cached_property
+    def numel(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    @functools.cached_property
+    def _timer(self) -> _ProductTimer:
+        return _ProductTimer(self.inputs.device)
 
     # ------------------------------------------------------------------ forward, loss, gradient
     def _clear(self) -> None:
@@ -99,7 +120,7 @@ class Objective:
     def loss(self) -> Tensor:
         """The batch loss at the current parameters (0-dim, detached)."""
         self._forward()
-        return self._reduce(self._loss.detach())
+        return self.reduce(self._loss.detach())
 
     def backward(self) -> Tensor:
         """First-order path: forward and ``loss.backward()`` into ``p.grad``; returns the loss. Frees the graph."""
@@ -109,7 +130,7 @@ class Objective:
             for p in self.params:
                 if p.grad is not None:
                     self._reduce_(p.grad)
-        loss = self._reduce(self._loss.detach())
+        loss = self.reduce(self._loss.detach())
         self._outputs = self._loss = None
         return loss
 
@@ -118,12 +139,47 @@ class Objective:
         if self._grad is None:
             self._forward()
             grads = torch.autograd.grad(self._loss, self.params, retain_graph=True, allow_unused=True)
-            self._grad = self._reduce(_flat_or_zero(grads, self.params))
+            self._grad = self.reduce(_flat_or_zero(grads, self.params))
         return self._grad
 
     def output_grad(self) -> Tensor:
         """g_f = dL/df (B, o), closed form for the matching losses."""
         return self.loss_fn.output_grad(self._forward(), self.targets)
+
+    @property
+    def can_fuse_forward(self) -> bool:
+        """Whether ``forward_with_jvp`` may still replace the batch's forward: not run yet, no curvature sub-batch."""
+        k = self.curvature_batch_size
+        return self._outputs is None and (k is None or k >= self.inputs.shape[0])
+
+    def forward_with_jvp(self, v: Tensor) -> Tensor:
+        """The batch's one forward pass carrying the tangent v by forward-mode AD; returns J v (B, o).
+
+        Outputs, loss and graph are cached exactly as ``loss()`` would leave them (BN running statistics updated once,
+        RNG state recorded for replays), so a method that needs J z first (CurveBall) gets it with the forward.
+        """
+        if not self.can_fuse_forward:
+            raise RuntimeError("forward_with_jvp must come before any other use of the objective (and needs "
+                               "curvature_batch_size=null)")
+        with self._timer("jvp"):
+            self.product_count["jvp"] += 1
+            self._rng = _capture_rng(self.inputs.device)
+            buffers = _buffer_copies(self.model)
+            try:
+                with torch.enable_grad(), fwad.dual_level(), _TangentFreeInputs():
+                    dual = {n: fwad.make_dual(p, t) for n, p, t in zip(self.names, self.params, unflatten(v, self.params))}
+                    outputs, jv = fwad.unpack_dual(functional_call(self.model, {**dual, **buffers}, (self.inputs,)))
+            except BaseException:
+                _restore_rng(self._rng, self.inputs.device)  # leave the RNG as if nothing had run
+                self._rng = None
+                raise
+            with torch.no_grad():  # model(inputs) would have moved the running statistics: commit the copies' update
+                for name, buf in self.model.named_buffers():
+                    buf.copy_(buffers[name])
+            self._outputs = outputs
+            with torch.enable_grad():
+                self._loss = self.loss_fn(outputs, self.targets)
+            return jv.detach()
 
     def prepare(self, curvature: str = "ggn") -> Tensor:
         """Build what ``curvature`` products need in the same backward pass as the gradient; returns the gradient.
@@ -141,13 +197,13 @@ class Objective:
                 jtu = torch.autograd.grad(self._outputs, self.params, u, create_graph=True, allow_unused=True)
             self._ggn_cache = _DoubleBackwardJ(self._outputs, u, jtu, self.params)
             if self._grad is None:
-                self._grad = self._reduce(_flat_or_zero(jtu, self.params).detach())
+                self._grad = self.reduce(_flat_or_zero(jtu, self.params).detach())
         elif curvature == "hessian" and self.hvp_backend == "double_backward" and shared and self._hvp_graph is None:
             with torch.enable_grad():
                 g = torch.autograd.grad(self._loss, self.params, create_graph=True, allow_unused=True)
             self._hvp_graph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, self.params)]
             if self._grad is None:
-                self._grad = self._reduce(flatten([gi.detach() for gi in self._hvp_graph]))
+                self._grad = self.reduce(flatten([gi.detach() for gi in self._hvp_graph]))
         return self.gradient()
 
     # ------------------------------------------------------------------ curvature products
@@ -156,8 +212,8 @@ class Objective:
         with self._timer("ggn"):
             self.product_count["ggn"] += 1
             cb = self._curvature_batch()
-            jv = self._jvp(cb, v)
-            return self._reduce(self._vjp(cb, self.loss_fn.hessian_vp(cb.outputs, cb.targets, jv)))
+            jv = self._jvp(cb, v, None)
+            return self.reduce(self._vjp(cb, self.loss_fn.hessian_vp(cb.outputs, cb.targets, jv)))
 
     def hvp(self, v: Tensor) -> Tensor:
         """H v, the exact Hessian of the loss on the curvature batch times v (undamped)."""
@@ -165,30 +221,45 @@ class Objective:
             self.product_count["hvp"] += 1
             cb = self._curvature_batch()
             if self.hvp_backend == "forward_over_reverse":
-                return self._reduce(self._hvp_forward_over_reverse(cb, v))
+                return self.reduce(self._hvp_forward_over_reverse(cb, v))
             if cb.shared:
                 self.prepare("hessian")
                 graph = self._hvp_graph
             else:
                 graph = cb.hessian_graph(self.params)
             hv = torch.autograd.grad(graph, self.params, unflatten(v, self.params), retain_graph=True, allow_unused=True)
-            return self._reduce(_flat_or_zero(hv, self.params))
+            return self.reduce(_flat_or_zero(hv, self.params))
 
     def curvature_vp(self, v: Tensor, curvature: str = "ggn") -> Tensor:
         """G v or H v by name: the one entry point solvers use."""
         return self.ggn_vp(v) if curvature == "ggn" else self.hvp(v)
 
-    def jvp(self, v: Tensor) -> Tensor:
-        """J v: output-space directional derivative (B, o) on the curvature batch."""
+    def jvp(self, v: Tensor, method: str | None = None) -> Tensor:
+        """J v: output-space directional derivative (B, o) on the curvature batch; ``method`` overrides ggn_backend."""
         with self._timer("jvp"):
             self.product_count["jvp"] += 1
-            return self._jvp(self._curvature_batch(), v)
+            return self._jvp(self._curvature_batch(), v, method)
 
-    def vjp(self, w: Tensor) -> Tensor:
-        """J^T w for an output-shaped w on the curvature batch, as a flat vector."""
+    def vjp(self, w: Tensor, keep_jvp: bool = False) -> Tensor:
+        """J^T w for an output-shaped w on the curvature batch, as a flat vector.
+
+        ``keep_jvp=True`` takes this backward with ``create_graph`` so that it doubles as the set-up of later
+        double-backward ``jvp`` calls (saves ``prepare``'s extra backward when J^T u comes before J v, as in CurveBall).
+        """
         with self._timer("vjp"):
             self.product_count["vjp"] += 1
-            return self._reduce(self._vjp(self._curvature_batch(), w))
+            cb = self._curvature_batch()
+            if not keep_jvp:
+                return self.reduce(self._vjp(cb, w))
+            leaf = w.detach().requires_grad_(True)
+            with torch.enable_grad():
+                jtw = torch.autograd.grad(cb.outputs, self.params, leaf, create_graph=True, allow_unused=True)
+            cache = _DoubleBackwardJ(cb.outputs, leaf, jtw, self.params)
+            if cb.shared:
+                self._ggn_cache = cache
+            else:
+                cb._j = cache
+            return self.reduce(_flat_or_zero(jtw, self.params).detach())
 
     def loss_hessian_vp(self, u: Tensor) -> Tensor:
         """H_L u on the curvature batch's outputs."""
@@ -214,15 +285,18 @@ class Objective:
                 self._curv = _CurvatureBatch(x, y, out, self.loss_fn(out, y), shared=False)
         return self._curv
 
-    def _jvp(self, cb: _CurvatureBatch, v: Tensor) -> Tensor:
-        if self.ggn_backend == "double_backward":
+    def _jvp(self, cb: _CurvatureBatch, v: Tensor, method: str | None) -> Tensor:
+        method = method or self.ggn_backend
+        if method not in GGN_BACKENDS:
+            raise ValueError(f"jvp method {method!r} is not one of {list(GGN_BACKENDS)}")
+        if method == "double_backward":
             if cb.shared:
                 self.prepare("ggn")
                 cache = self._ggn_cache
             else:
                 cache = cb.double_backward_j(self.params)
             return cache.jvp(v)
-        if self.ggn_backend == "linearize":
+        if method == "linearize":
             if cb.linearized is None:
                 with self._replay_rng():
                     _, cb.linearized = torch.func.linearize(
@@ -237,9 +311,7 @@ class Objective:
         return _flat_or_zero(grads, self.params)
 
     def _jvp_forward_ad(self, cb: _CurvatureBatch, v: Tensor) -> Tensor:
-        import torch.autograd.forward_ad as fwad
-
-        with torch.no_grad(), self._replay_rng(), fwad.dual_level():
+        with torch.no_grad(), self._replay_rng(), fwad.dual_level(), _TangentFreeInputs():
             dual = {n: fwad.make_dual(p.detach(), t) for n, p, t in zip(self.names, self.params, unflatten(v, self.params))}
             out = functional_call(self.model, {**dual, **_buffer_copies(self.model)}, (cb.inputs,))
             return fwad.unpack_dual(out).tangent
@@ -259,7 +331,7 @@ class Objective:
         """Loss at w + delta on the same batch, same dropout masks, without touching BN running statistics."""
         params = {n: p.detach() + d for n, p, d in zip(self.names, self.params, unflatten(delta, self.params))}
         with torch.no_grad(), self._replay_rng():
-            return self._reduce(self.loss_fn(self._call(params, self.inputs), self.targets))
+            return self.reduce(self.loss_fn(self._call(params, self.inputs), self.targets))
 
     def loss_and_gradient_at(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Loss and flat gradient at w + delta (w = the parameters as they are now), evaluated afresh on the batch
@@ -271,7 +343,7 @@ class Objective:
         with torch.enable_grad(), self._replay_rng():
             loss = self.loss_fn(self._call(dict(zip(self.names, trial)), self.inputs), self.targets)
             grads = torch.autograd.grad(loss, trial, allow_unused=True)
-        return self._reduce(loss.detach()), self._reduce(_flat_or_zero(grads, trial))
+        return self.reduce(loss.detach()), self.reduce(_flat_or_zero(grads, trial))
 
     def invalidate(self) -> None:
         """Drop every cache (the parameters were moved by someone other than ``apply``)."""
@@ -303,7 +375,7 @@ class Objective:
             for start in range(0, n, chunk):
                 g = per_sample(params, self.inputs[start:start + chunk], self.targets[start:start + chunk])
                 total += torch.cat([g[name].pow(2).reshape(g[name].shape[0], -1).sum(0) for name in self.names])
-            return self._reduce(total / n)
+            return self.reduce(total / n)
         finally:
             self.model.train(was_training)
 
@@ -358,7 +430,7 @@ class Objective:
             yield
 
     @staticmethod
-    def _reduce(t: Tensor) -> Tensor:
+    def reduce(t: Tensor) -> Tensor:
         """Average across data-parallel ranks: the single all-reduce that makes every method distributed."""
         if _distributed():
             t = t.clone()
@@ -442,6 +514,30 @@ class _ProductTimer:
             self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
             self.events.clear()
         return self.seconds
+
+
+class _TangentFreeInputs(TorchFunctionMode):
+    """Forward-mode AD of linear/convolution layers whose input carries no tangent (the network's first layer).
+
+    PyTorch's rule for such a layer also multiplies a materialised zero input tangent by the weight: a wasted
+    product as costly as the layer itself (on a 784-800-10 MLP, as much as the whole forward pass). Here the
+    tangent is just layer(x, dW, db). Every other op keeps PyTorch's rule.
+    """
+
+    LAYERS = (F.linear, F.conv1d, F.conv2d, F.conv3d)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.LAYERS and len(args) >= 2 and fwad.unpack_dual(args[0]).tangent is None:
+            weight, weight_t = fwad.unpack_dual(args[1])
+            if weight_t is not None:
+                bias = args[2] if len(args) > 2 else kwargs.get("bias")
+                bias, bias_t = fwad.unpack_dual(bias) if bias is not None else (None, None)
+                rest, options = args[3:], {k: a for k, a in kwargs.items() if k != "bias"}
+                primal = func(args[0], weight, bias, *rest, **options)
+                tangent = func(args[0], weight_t, bias_t, *rest, **options)
+                return fwad.make_dual(primal, tangent)
+        return func(*args, **kwargs)
 
 
 def _flat_or_zero(grads: tuple, params: list[Tensor]) -> Tensor:

@@ -101,8 +101,11 @@ def _to_python(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 by_device[value.device].append((i, key, value.detach().reshape(())))
             elif isinstance(value, np.generic):
                 row[key] = value.item()
-    for entries in by_device.values():
-        values = torch.stack([t.to(torch.float64) for _, _, t in entries]).cpu().tolist()
+    for device, entries in by_device.items():
+        if device.type == "cpu":  # no transfer to save: .item() is the cheapest conversion
+            values = [t.item() for _, _, t in entries]
+        else:
+            values = torch.stack([t.to(torch.float64) for _, _, t in entries]).cpu().tolist()
         for (i, key, tensor), value in zip(entries, values):
             if tensor.dtype == torch.bool:
                 value = bool(value)

@@ -150,8 +150,7 @@ class _Run:
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, float] = {}
         self.best_accuracy: float | None = None
-        self._loss_sum: Any = 0.0  # batch losses since the last evaluation -> train/loss
-        self._loss_count = 0
+        self._losses: list[Any] = []  # batch losses since the last evaluation -> train/loss (summed at evaluation)
 
     @property
     def epoch(self) -> float:
@@ -201,15 +200,14 @@ class _Run:
         for key, value in stats.items():
             row.setdefault(key, value)
         if "loss" in stats:
-            self._loss_sum = self._loss_sum + stats["loss"]  # stays on the device: no synchronisation here
-            self._loss_count += 1
+            self._losses.append(stats["loss"])  # stays on the device: no synchronisation, no arithmetic here
         self.metrics.record(row)
 
     def _evaluate(self) -> None:
         row = self.metrics.pending[-1]
-        if self._loss_count:
-            row["train/loss"] = self._loss_sum / self._loss_count
-        self._loss_sum, self._loss_count = 0.0, 0
+        if self._losses:
+            row["train/loss"] = sum(self._losses) / len(self._losses)
+        self._losses = []
         row.update(evaluate(self.model, self.loss_fn, self.test_batches, self.classification))
 
     def _flush(self, bar: tqdm | None) -> None:
