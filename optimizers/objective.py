@@ -357,27 +357,40 @@ class Objective:
     def per_sample_grad_sq_mean(self) -> Tensor:
         """Mean over the batch of squared per-sample gradients (flat), for Martens' diagonal preconditioner.
 
-        Per-sample gradients (torch.func.vmap over samples) are taken with the network in eval mode: a single sample
-        has no batch statistics, and the preconditioner is a heuristic (Martens 2010 sec. 4.7).
+        Dense and 2-D convolution layers in closed form from one forward and backward: a sample's weight gradient is
+        the outer product delta_i a_i^T, so sum_i g_i^2 = (delta^2)^T (a^2) (convolutions: the same per sample over
+        unfolded patches). Every other parameter by ``torch.func.vmap`` over samples. Taken with the network in eval
+        mode: a single sample has no batch statistics, and the preconditioner is a heuristic (Martens 2010 sec. 4.7).
         """
         was_training = self.model.training
         self.model.eval()
         try:
-            params = {n: p.detach() for n, p in zip(self.names, self.params)}
-
-            def sample_loss(p: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-                return self.loss_fn(self._call(p, x.unsqueeze(0)), y.unsqueeze(0))
-
-            per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
-            total = torch.zeros(self.numel, dtype=self.params[0].dtype, device=self.params[0].device)
-            n = self.inputs.shape[0]
-            chunk = self.per_sample_chunk or max(1, min(n, 2**25 // self.numel))  # ~32M gradient entries at a time
-            for start in range(0, n, chunk):
-                g = per_sample(params, self.inputs[start:start + chunk], self.targets[start:start + chunk])
-                total += torch.cat([g[name].pow(2).reshape(g[name].shape[0], -1).sum(0) for name in self.names])
-            return self.reduce(total / n)
+            sums = _dense_grad_sq_sums(self.model, self.loss_fn, self.inputs, self.targets, set(map(id, self.params)))
+            rest = [n for n, p in zip(self.names, self.params) if id(p) not in sums]
+            if rest:
+                sums.update(self._vmap_grad_sq_sums(rest))
+            total = torch.cat([sums[id(p)].reshape(-1) for p in self.params])
+            return self.reduce(total / self.inputs.shape[0])
         finally:
             self.model.train(was_training)
+
+    def _vmap_grad_sq_sums(self, names: list[str]) -> dict[int, Tensor]:
+        by_name = dict(zip(self.names, self.params))
+        fixed = {n: p.detach() for n, p in by_name.items() if n not in names}
+
+        def sample_loss(free: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+            return self.loss_fn(self._call({**fixed, **free}, x.unsqueeze(0)), y.unsqueeze(0))
+
+        per_sample = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))
+        free = {n: by_name[n].detach() for n in names}
+        sums = {n: torch.zeros_like(p) for n, p in free.items()}
+        n_samples, numel = self.inputs.shape[0], sum(p.numel() for p in free.values())
+        chunk = self.per_sample_chunk or max(1, min(n_samples, 2**25 // numel))  # ~32M gradient entries at a time
+        for start in range(0, n_samples, chunk):
+            g = per_sample(free, self.inputs[start:start + chunk], self.targets[start:start + chunk])
+            for n in names:
+                sums[n] += g[n].pow(2).sum(0)
+        return {id(by_name[n]): sums[n] for n in names}
 
     # ------------------------------------------------------------------ explicit matrices (small models, tests)
     def hessian_matrix(self, chunk_size: int = 512) -> Tensor:
@@ -538,6 +551,53 @@ class _TangentFreeInputs(TorchFunctionMode):
                 tangent = func(args[0], weight_t, bias_t, *rest, **options)
                 return fwad.make_dual(primal, tangent)
         return func(*args, **kwargs)
+
+
+def _dense_grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, wanted: set[int]) -> dict[int, Tensor]:
+    """Sum over samples of squared per-sample gradients of nn.Linear (2-D inputs) and nn.Conv2d (groups = 1) weights
+    and biases, keyed by id(parameter); one forward, one backward to the layer outputs (BackPACK's SumGradSquared)."""
+    layers: list[tuple[nn.Module, Tensor, Tensor]] = []
+
+    def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
+        if output.requires_grad:
+            layers.append((module, args[0].detach(), output))
+
+    handles = []
+    for m in model.modules():
+        dense = isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1 and m.padding_mode == "zeros"
+                                             and not isinstance(m.padding, str))
+        if dense and id(m.weight) in wanted and (m.bias is None or id(m.bias) in wanted):
+            handles.append(m.register_forward_hook(capture))
+    try:
+        with torch.enable_grad():
+            out = model(x)
+            layers = [(m, a, o) for m, a, o in layers if not (isinstance(m, nn.Linear) and a.dim() != 2)]
+            if not layers:
+                return {}
+            # the batch-mean loss times B is the sum of per-sample losses: delta_i is then sample i's own signal
+            deltas = torch.autograd.grad(loss_fn(out, y) * x.shape[0], [o for _, _, o in layers], allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    sums: dict[int, Tensor] = {}
+    for (m, a, o), d in zip(layers, deltas):
+        if d is None:
+            d = torch.zeros_like(o)
+        if isinstance(m, nn.Linear):
+            sums[id(m.weight)] = d.pow(2).T @ a.pow(2)
+            if m.bias is not None:
+                sums[id(m.bias)] = d.pow(2).sum(0)
+            continue
+        patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (B, C k k, P)
+        d = d.flatten(2)  # (B, out, P)
+        w_sq = torch.zeros(m.weight.shape[0], patches.shape[1], dtype=a.dtype, device=a.device)
+        chunk = max(1, 2**24 // (d.shape[1] * patches.shape[1]))
+        for i in range(0, a.shape[0], chunk):
+            w_sq += torch.einsum("bop,bkp->bok", d[i:i + chunk], patches[i:i + chunk]).pow(2).sum(0)
+        sums[id(m.weight)] = w_sq.view_as(m.weight)
+        if m.bias is not None:
+            sums[id(m.bias)] = d.sum(2).pow(2).sum(0)
+    return sums
 
 
 def _flat_or_zero(grads: tuple, params: list[Tensor]) -> Tensor:

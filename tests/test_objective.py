@@ -152,6 +152,34 @@ def test_per_sample_squared_gradients():
     assert rel(obj.per_sample_grad_sq_mean(), expected / 6) < 1e-13
 
 
+def test_per_sample_squared_gradients_conv_bn_and_other_layers():
+    """Closed forms (conv, linear) and the vmap fallback (batch norm, a bare parameter) against a per-sample loop."""
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([1.5], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.s
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(12, 5), Scale(), nn.Tanh(), nn.Linear(5, 4)).double().train()
+    model(torch.randn(8, 2, 9, 9, dtype=torch.float64))  # non-trivial running statistics
+    x, y = torch.randn(7, 2, 9, 9, dtype=torch.float64), torch.randint(0, 4, (7,))
+    obj = Objective(model, "cross_entropy", x, y, per_sample_chunk=3)
+    got = obj.per_sample_grad_sq_mean()
+    assert model.training  # restored
+    model.eval()
+    expected = torch.zeros(obj.numel, dtype=torch.float64)
+    for i in range(7):
+        model.zero_grad()
+        get_loss("cross_entropy")(model(x[i:i + 1]), y[i:i + 1]).backward()
+        expected += flatten([p.grad for p in model.parameters()]) ** 2
+    assert rel(got, expected / 7) < 1e-13
+
+
 def test_apply_moves_parameters_and_drops_caches():
     model = tiny_mlp()
     x, y = torch.randn(6, 12, dtype=torch.float64), torch.randint(0, 4, (6,))
