@@ -9,6 +9,7 @@ Usable without the runner::
 """
 from optimizers.base import Optimizer
 from optimizers.cg import CGResult, pcg
+from optimizers.curveball import CurveBall
 from optimizers.first_order import SGD, Adam
 from optimizers.gd import GradientDescent
 from optimizers.gradcheck import finite_difference_check
@@ -20,5 +21,5 @@ from optimizers.quasi_newton import LBFGS, NLCG
 
 __all__ = [
     "Optimizer", "Objective", "Loss", "CrossEntropy", "SquaredError", "get_loss", "pcg", "CGResult",
-    "SGD", "Adam", "GradientDescent", "Newton", "HessianFree", "LBFGS", "NLCG", "finite_difference_check",
+    "SGD", "Adam", "GradientDescent", "Newton", "HessianFree", "CurveBall", "LBFGS", "NLCG", "finite_difference_check",
 ]

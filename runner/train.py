@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import os
 import logging
 import sys
 import time
@@ -57,7 +58,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     after the output folder exists leaves a summary.json with status "error".
     """
     cfg = copy.deepcopy(cfg)
-    cfg.data_root = hydra.utils.to_absolute_path(cfg.data_root)  # relative to the launch folder
+    cfg.data_root = os.path.normpath(hydra.utils.to_absolute_path(cfg.data_root))  # relative to the launch folder
     out = _output_dir(output_dir)
     write_config(cfg, out)
     threads = torch.get_num_threads()
