@@ -74,7 +74,7 @@ def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[
     sgd = SGD(model.parameters(), lr=1e-3, momentum=0.9)
     rows.append(("SGD step", median_time(lambda: sgd.step(Objective(model, "cross_entropy", x, y)), repeats, device)))
 
-    ggn_backends = GGN_BACKENDS if backends else ("double_backward",)
+    ggn_backends = GGN_BACKENDS if backends else ("auto",)
     for backend in ggn_backends:
         obj = Objective(model, "cross_entropy", x, y, ggn_backend=backend)
 

@@ -279,3 +279,10 @@ def test_cifar_basic_cnn_with_batch_norm_products():
     fo = Objective(model, "cross_entropy", x, y, hvp_backend="forward_over_reverse")
     fo._rng, fo._outputs, fo._loss = obj._rng, obj._outputs, obj._loss
     assert rel(obj.hvp(v), fo.hvp(v)) < TOL
+
+
+def test_auto_backend_picks_forward_ad_for_conv_nets_and_double_backward_otherwise():
+    x, y = torch.randn(4, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
+    assert Objective(tiny_bn_cnn(), "cross_entropy", x, y).ggn_method == "forward_ad"
+    assert Objective(tiny_mlp(), "cross_entropy", torch.randn(4, 12), torch.randint(0, 4, (4,))).ggn_method == "double_backward"
+    assert Objective(tiny_mlp(), "cross_entropy", x, y, ggn_backend="linearize").ggn_method == "linearize"
