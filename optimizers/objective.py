@@ -113,8 +113,6 @@ class Objective:
         self._grad: Tensor | None = None
         self._rng: tuple | None = None
         self._curv: _CurvatureBatch | None = None
-        self._ggn_cache = None  # backend-specific linearisation
-        self._hvp_graph: list[Tensor] | None = None
 
     def _forward(self) -> Tensor:
         if self._outputs is None:
@@ -158,10 +156,14 @@ class Objective:
         return self.loss_fn.output_grad(self._forward(), self.targets)
 
     @property
+    def _curvature_on_whole_batch(self) -> bool:
+        k = self.curvature_batch_size
+        return k is None or k >= self.inputs.shape[0]
+
+    @property
     def can_fuse_forward(self) -> bool:
         """Whether ``forward_with_jvp`` may still replace the batch's forward: not run yet, no curvature sub-batch."""
-        k = self.curvature_batch_size
-        return self._outputs is None and (k is None or k >= self.inputs.shape[0])
+        return self._outputs is None and self._curvature_on_whole_batch
 
     def forward_with_jvp(self, v: Tensor) -> Tensor:
         """The batch's one forward pass carrying the tangent v by forward-mode AD; returns J v (B, o).
@@ -200,28 +202,28 @@ class Objective:
         """
         if curvature not in ("ggn", "hessian"):
             raise ValueError(f"curvature must be 'ggn' or 'hessian', got {curvature!r}")
-        self._forward()
-        shared = self.curvature_batch_size is None or self.curvature_batch_size >= self.inputs.shape[0]
-        if curvature == "ggn" and self.ggn_method == "double_backward" and shared:
-            self._double_backward_j()
-        elif curvature == "hessian" and self.hvp_backend == "double_backward" and shared and self._hvp_graph is None:
-            with torch.enable_grad():
-                g = torch.autograd.grad(self._loss, self.params, create_graph=True, allow_unused=True)
-            self._hvp_graph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, self.params)]
-            if self._grad is None:
-                self._grad = self.reduce(flatten([gi.detach() for gi in self._hvp_graph]))
+        if self._curvature_on_whole_batch:  # a sub-batch's graph cannot give the gradient: nothing to share
+            if curvature == "ggn" and self.ggn_method == "double_backward":
+                self._double_backward_j(self._curvature_batch())
+            elif curvature == "hessian" and self.hvp_backend == "double_backward":
+                self._hessian_graph(self._curvature_batch())
         return self.gradient()
 
-    def _double_backward_j(self) -> _DoubleBackwardJ:
-        """The J^T u graph of the batch (u = g_f, so the same backward yields the gradient), built once."""
-        if self._ggn_cache is None:
-            u = self.loss_fn.output_grad(self._forward(), self.targets).requires_grad_(True)
-            with torch.enable_grad():
-                jtu = torch.autograd.grad(self._outputs, self.params, u, create_graph=True, allow_unused=True)
-            self._ggn_cache = _DoubleBackwardJ(self._outputs, u, jtu, self.params)
-            if self._grad is None:
-                self._grad = self.reduce(_flat_or_zero(jtu, self.params).detach())
-        return self._ggn_cache
+    def _double_backward_j(self, cb: _CurvatureBatch) -> _DoubleBackwardJ:
+        """The batch's J^T u graph, built once with u = g_f, so on the whole batch it also yields the gradient."""
+        if cb.j is None:
+            jtu = cb.build_j(self.params, self.loss_fn.output_grad(cb.outputs, cb.targets))
+            if cb.shared and self._grad is None:
+                self._grad = self.reduce(jtu)
+        return cb.j
+
+    def _hessian_graph(self, cb: _CurvatureBatch) -> list[Tensor]:
+        """The batch's gradient with ``create_graph``, built once; on the whole batch it is also the gradient."""
+        if cb.hgraph is None:
+            cb.build_hessian_graph(self.params)
+            if cb.shared and self._grad is None:
+                self._grad = self.reduce(flatten([g.detach() for g in cb.hgraph]))
+        return cb.hgraph
 
     # ------------------------------------------------------------------ curvature products
     def ggn_vp(self, v: Tensor) -> Tensor:
@@ -239,12 +241,7 @@ class Objective:
             cb = self._curvature_batch()
             if self.hvp_backend == "forward_over_reverse":
                 return self.reduce(self._hvp_forward_over_reverse(cb, v))
-            if cb.shared:
-                self.prepare("hessian")
-                graph = self._hvp_graph
-            else:
-                graph = cb.hessian_graph(self.params)
-            hv = torch.autograd.grad(graph, self.params, unflatten(v, self.params), retain_graph=True, allow_unused=True)
+            hv = torch.autograd.grad(self._hessian_graph(cb), self.params, unflatten(v, self.params), retain_graph=True, allow_unused=True)
             return self.reduce(_flat_or_zero(hv, self.params))
 
     def curvature_vp(self, v: Tensor, curvature: str = "ggn") -> Tensor:
@@ -268,15 +265,7 @@ class Objective:
             cb = self._curvature_batch()
             if not keep_jvp:
                 return self.reduce(self._vjp(cb, w))
-            leaf = w.detach().requires_grad_(True)
-            with torch.enable_grad():
-                jtw = torch.autograd.grad(cb.outputs, self.params, leaf, create_graph=True, allow_unused=True)
-            cache = _DoubleBackwardJ(cb.outputs, leaf, jtw, self.params)
-            if cb.shared:
-                self._ggn_cache = cache
-            else:
-                cb._j = cache
-            return self.reduce(_flat_or_zero(jtw, self.params).detach())
+            return self.reduce(cb.build_j(self.params, w))
 
     def loss_hessian_vp(self, u: Tensor) -> Tensor:
         """H_L u on the curvature batch's outputs."""
@@ -292,7 +281,7 @@ class Objective:
         if self._curv is None:
             self._forward()
             k = self.curvature_batch_size
-            if k is None or k >= self.inputs.shape[0]:
+            if self._curvature_on_whole_batch:
                 self._curv = _CurvatureBatch(self.inputs, self.targets, self._outputs, self._loss, shared=True)
             else:
                 # Martens 2010 sec. 4.3: curvature on a sub-batch. Its forward must not move BN running statistics.
@@ -307,8 +296,7 @@ class Objective:
         if method not in GGN_BACKENDS[1:]:
             raise ValueError(f"jvp method {method!r} is not one of {list(GGN_BACKENDS)}")
         if method == "double_backward":
-            cache = self._double_backward_j() if cb.shared else cb.double_backward_j(self.params)
-            return cache.jvp(v)
+            return self._double_backward_j(cb).jvp(v)
         if method == "linearize":
             if cb.linearized is None:
                 with self._replay_rng():
@@ -475,24 +463,22 @@ class _CurvatureBatch:
 
     def __init__(self, inputs: Tensor, targets: Tensor, outputs: Tensor, loss: Tensor, shared: bool):
         self.inputs, self.targets, self.outputs, self.loss, self.shared = inputs, targets, outputs, loss, shared
-        self.linearized = None
-        self._j: _DoubleBackwardJ | None = None
-        self._hgraph: list[Tensor] | None = None
+        self.linearized = None                      # torch.func.linearize's J v (ggn_backend=linearize)
+        self.j: _DoubleBackwardJ | None = None      # the J^T u graph (double-backward J v)
+        self.hgraph: list[Tensor] | None = None     # the gradient with create_graph (double-backward H v)
 
-    def double_backward_j(self, params: list[Tensor]) -> _DoubleBackwardJ:
-        if self._j is None:
-            u = torch.zeros_like(self.outputs, requires_grad=True)
-            with torch.enable_grad():
-                jtu = torch.autograd.grad(self.outputs, params, u, create_graph=True, allow_unused=True)
-            self._j = _DoubleBackwardJ(self.outputs, u, jtu, params)
-        return self._j
+    def build_j(self, params: list[Tensor], u: Tensor) -> Tensor:
+        """J^T u by a backward with ``create_graph`` (u a leaf); the graph then serves every J v. Returns J^T u."""
+        leaf = u.detach().requires_grad_(True)
+        with torch.enable_grad():
+            jtu = torch.autograd.grad(self.outputs, params, leaf, create_graph=True, allow_unused=True)
+        self.j = _DoubleBackwardJ(self.outputs, leaf, jtu, params)
+        return _flat_or_zero(jtu, params).detach()
 
-    def hessian_graph(self, params: list[Tensor]) -> list[Tensor]:
-        if self._hgraph is None:
-            with torch.enable_grad():
-                g = torch.autograd.grad(self.loss, params, create_graph=True, allow_unused=True)
-            self._hgraph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
-        return self._hgraph
+    def build_hessian_graph(self, params: list[Tensor]) -> None:
+        with torch.enable_grad():
+            g = torch.autograd.grad(self.loss, params, create_graph=True, allow_unused=True)
+        self.hgraph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
 
 
 class _DoubleBackwardJ:
