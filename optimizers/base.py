@@ -4,34 +4,75 @@
     for inputs, targets in batches:
         stats = optimizer.step(Objective(model, loss, inputs, targets))   # updates the parameters in place
 
-``step`` returns a flat dict of statistics (floats or 0-dim tensors; always "loss", the batch loss before the update)
-that a runner logs as is. ``state_dict``/``load_state_dict`` hold everything needed to continue the same trajectory.
-First-order methods only call ``objective.backward()``; second-order ones use its gradient and curvature products.
+``step`` returns a flat dict of statistics (floats or 0-dim tensors; always "loss", the batch's data loss before the
+update) that a runner logs as is. ``state_dict``/``load_state_dict`` hold everything needed to continue the same
+trajectory. First-order methods only call ``objective.backward()``; second-order ones use its gradient and curvature
+products.
+
+A method is a subclass with
+
+* ``Options``: a frozen dataclass of its hyperparameters (``optimizers.checks.Options``), validated once;
+* ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below);
+* ``state_dict``/``load_state_dict`` for the state that changes from step to step.
+
+Weight decay is one mechanism for every method: with ``weight_decay = eta > 0`` the base class hands ``update`` a
+:class:`~optimizers.weight_decay.WeightDecayed` objective, F(w) = L(w) + eta/2 |w|^2, whose gradient, curvature
+products and trial losses include the regulariser. The logged "loss" stays the data loss L.
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
+from optimizers.checks import Options, nonnegative, option
 from optimizers.objective import Objective
+from optimizers.weight_decay import WeightDecayed
+
+
+@dataclass(frozen=True)
+class OptimizerOptions(Options):
+    """Options every method has."""
+
+    weight_decay: float = option(0.0, nonnegative)  # eta: minimise L + eta/2 |w|^2 (gradient + eta w, curvature + eta I)
 
 
 class Optimizer:
-    """Base class: holds the trainable parameters; subclasses implement ``step``."""
+    """Base class: holds the trainable parameters and the validated options; subclasses implement ``update``."""
 
-    def __init__(self, params: Iterable[Tensor]):
+    Options: ClassVar[type[OptimizerOptions]] = OptimizerOptions
+
+    def __init__(self, params: Iterable[Tensor], **options: Any):
+        self.options = self.Options.build(type(self).__name__, options)
         self.params: list[Tensor] = [p for p in params if p.requires_grad]
         if not self.params:
             raise ValueError("the optimiser was given no trainable parameters")
+        self.numel = sum(p.numel() for p in self.params)
         self.steps = 0
 
     def configure(self, *, total_steps: int | None = None) -> None:
         """Told by the runner before training how many steps it will take (schedules use it)."""
 
     def step(self, objective: Objective) -> dict[str, Any]:
+        """One update on ``objective``'s batch; returns the step's statistics."""
+        if objective.numel != self.numel:
+            raise ValueError(f"{type(self).__name__} was built with {self.numel} trainable parameters but the "
+                             f"objective's model has {objective.numel}: pass all of the model's trainable parameters "
+                             "to the optimiser.")
+        eta = self.options.weight_decay
+        f = WeightDecayed(objective, eta) if eta and self.decays_through_objective else objective
+        stats = self.update(f)
+        if f is not objective:
+            stats["loss"] = f.data_loss_at_start()
+        self.steps += 1
+        return stats
+
+    decays_through_objective: bool = True  # False for methods with their own (decoupled) decay, e.g. AdamW
+
+    def update(self, objective: Objective) -> dict[str, Any]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
