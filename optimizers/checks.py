@@ -72,13 +72,18 @@ def nonnegative(key: str, value: Any) -> float:
 
 
 def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
-    """A finite number in [low, high]; ``low_open``/``high_open`` exclude the end points."""
-    left, right = ("(" if low_open else "["), (")" if high_open else "]")
+    """A finite number in [low, high]; ``low_open``/``high_open`` exclude the end points (an infinite end is open)."""
+    if math.isinf(high):
+        requirement = f"must be a finite number {'>' if low_open else '>='} {low:g}."
+    elif math.isinf(low):
+        requirement = f"must be a finite number {'<' if high_open else '<='} {high:g}."
+    else:
+        requirement = f"must lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}."
 
     def check(key: str, value: Any) -> float:
         x = finite(key, value)
-        if (x < low or (low_open and x == low)) or (x > high or (high_open and x == high)):
-            fail(key, value, f"must lie in {left}{low:g}, {high:g}{right}.")
+        if x < low or (low_open and x == low) or x > high or (high_open and x == high):
+            fail(key, value, requirement)
         return x
 
     return check
@@ -88,7 +93,8 @@ def integer(minimum: int) -> Check:
     """An integer >= ``minimum`` (bools are rejected; 3.0 is accepted as 3)."""
 
     def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < minimum:
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or value != int(value) or value < minimum):
             fail(key, value, f"must be an integer >= {minimum}.")
         return int(value)
 
