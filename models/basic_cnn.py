@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, require_image
+from optimizers.checks import boolean, in_range
 
 CHANNELS = (32, 32, 64, 64)
 
@@ -82,11 +83,7 @@ def build_cifar_basic_cnn(
     shape = require_image(
         "cifar_basic_cnn", input_shape, "images of shape (C, H, W), e.g. CIFAR-10's (3, 32, 32)"
     )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(
-            f"Model 'cifar_basic_cnn': dropout={dropout!r} must be a rate in [0, 1) "
-            "(0 disables dropout; seed 003 uses 0.3)."
-        )
+    rate = in_range(0.0, 1.0, high_open=True)("model.dropout", dropout)  # 0 disables dropout
     return BasicCNN(
-        shape, check_num_outputs("cifar_basic_cnn", num_outputs), bool(batch_norm), float(dropout)
+        shape, check_num_outputs("cifar_basic_cnn", num_outputs), boolean("model.batch_norm", batch_norm), rate
     )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from models.common import as_shape, check_num_outputs, flat_size
+from optimizers.checks import finite, optional, positive_int, sequence_of
 
 # Seed 003 does not state its starting point; we use the classic one of Rosenbrock (1960), also the
 # standard start of Moré, Garbow & Hillstrom (1981), test problem 1.
@@ -63,13 +64,7 @@ def build_rosenbrock(
             "supports only input_shape=(1,) (one noise sample eps per row) and num_outputs=2 (the two "
             "residuals of eq. 19 in seed 003). Use it with the Rosenbrock noise dataset and the sse loss."
         )
-    init = list(init)
-    if len(init) != 2:
-        raise ValueError(
-            f"Model 'rosenbrock': init={init} must be the 2-D starting point [u, v], "
-            f"e.g. model.init=[{ROSENBROCK_START[0]},{ROSENBROCK_START[1]}]."
-        )
-    return Rosenbrock(init)
+    return Rosenbrock(sequence_of(finite, length=2)("model.init", init))  # the start point [u, v]
 
 
 def build_two_layer_linear(
@@ -77,10 +72,7 @@ def build_two_layer_linear(
 ) -> TwoLayerLinear:
     """W2 W1 x with hidden width ``hidden`` (default: the input dimension, as in Rahimi & Recht)."""
     in_features = flat_size(input_shape)
-    width = in_features if hidden is None else hidden
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(
-            f"Model 'two_layer_linear': hidden={hidden!r} must be a positive integer "
-            "(or null for the input dimension)."
-        )
-    return TwoLayerLinear(in_features, int(width), check_num_outputs("two_layer_linear", num_outputs))
+    width = optional(positive_int)("model.hidden", hidden)
+    return TwoLayerLinear(
+        in_features, in_features if width is None else width, check_num_outputs("two_layer_linear", num_outputs)
+    )

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, require_image
+from optimizers.checks import boolean, in_range
 
 FC_WIDTH = 4096
 
@@ -120,9 +121,5 @@ def build_vgg_f(
             "its stride-4 first layer and three poolings shrink smaller images to nothing). "
             "For CIFAR-sized images use model=cifar_basic_cnn or model=resnet18."
         )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(
-            f"Model 'vgg_f': dropout={dropout!r} must be a rate in [0, 1) (0 disables dropout; "
-            "Chatfield et al. use 0.5, seed 003 reports 0.3)."
-        )
-    return VGGF(shape, check_num_outputs("vgg_f", num_outputs), bool(batch_norm), float(dropout))
+    rate = in_range(0.0, 1.0, high_open=True)("model.dropout", dropout)  # 0 disables dropout
+    return VGGF(shape, check_num_outputs("vgg_f", num_outputs), boolean("model.batch_norm", batch_norm), rate)
