@@ -140,13 +140,15 @@ def test_divergence_exits_3_and_names_the_step(cli):
 
 
 LIBRARY_RESHAPE = pytest.mark.xfail(reason="needs the library reshape", strict=False)  # optimizers' Options records
-TRAINER_KEYS = "batch_size, batching, checkpoint, drop_last, eval_batch_size, eval_every, log_every, max_epochs, max_steps"
+TRAINER_KEYS = ("batch_size, batching, checkpoint, drop_last, eval_batch_size, eval_every, log_every, max_epochs, "
+                "max_steps")
 
 
 @pytest.mark.parametrize(
     "name, match",
     [
-        ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: adam,"),
+        ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: "
+                           r"adam,"),
         ("misspelled_key", rf"'trainer\.max_epoch' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
                            rf"{TRAINER_KEYS}, num_workers, progress\.$"),
         ("wrong_type", r"invalid override trainer\.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),

@@ -408,7 +408,7 @@ def test_rosenbrock_noise():
     noisy = build_rosenbrock(None, l1=0.0, l2=3.0, num_samples=2000, seed=1).train.inputs
     assert 0.0 <= noisy.min().item() and noisy.max().item() <= 3.0
     assert noisy.mean().item() == pytest.approx(1.5, abs=0.1)
-    with pytest.raises(ValueError, match=r"^dataset\.l2=1\.0 must be >= dataset\.l1=2: the noise is drawn from U\[l1, l2\]"):
+    with pytest.raises(ValueError, match=r"^dataset\.l2=1\.0 must be >= dataset\.l1=2: the noise is drawn from U\["):
         build_rosenbrock(None, l1=2.0, l2=1.0)
 
 
