@@ -1,4 +1,4 @@
-"""scikit-learn's 8x8 handwritten digits: 1,797 images that ship inside the package (no download, no data folder).
+"""scikit-learn's [Pedregosa2011] 8x8 handwritten digits: 1,797 images that ship inside the package (no download).
 
 The offline default dataset for ``python run.py`` and for fast tests.
 """

@@ -1,4 +1,4 @@
-"""ImageNet (or any subset of it, e.g. ImageNet-100) from folders of class subfolders of JPEGs.
+"""ImageNet [Deng2009] (or any subset of it, e.g. ImageNet-100) from folders of class subfolders of JPEGs.
 
 Expected tree (``<root>/imagenet`` unless the ``path`` option names another folder)::
 

@@ -24,10 +24,10 @@ def build_logreg2d(
     root: str | None = None, download: bool = False, *,
     num_train: int = 800, num_test: int = 100, noise: float = 1.0, seed: int = 0,
 ) -> Splits:
-    """Seed 001 (sec. 3): logistic regression on a hand-made set of 800 labelled points in the plane, validated on
-    100 more. The paper does not say how its points were made; here: two Gaussian blobs, exactly balanced, class 0
-    centred at (-1, -1) and class 1 at (1, 1), each with standard deviation ``noise``. The blobs overlap (with
-    noise = 1 the Bayes error is about 8%), so the logistic loss has a finite minimiser.
+    """[Seed001-Veitch] (sec. 3.1): logistic regression on a hand-made set of 800 labelled points in the plane,
+    validated on 100 more. The paper does not say how its points were made; here: two Gaussian blobs, exactly
+    balanced, class 0 centred at (-1, -1) and class 1 at (1, 1), each with standard deviation ``noise``. The blobs
+    overlap (with noise = 1 the Bayes error is about 8%), so the logistic loss has a finite minimiser.
     """
     noise = nonnegative("dataset.noise", noise)
     g = _generator(nonnegative_int("dataset.seed", seed))
@@ -47,7 +47,7 @@ def build_sine(
     root: str | None = None, download: bool = False, *,
     num_samples: int = 2000, num_test: int = 1000, noise: float = 0.1, seed: int = 0,
 ) -> Splits:
-    """Seed 002 (sec. IV.A, "simple simulated sinus data"): 2,000 samples x_i ~ N(0, 1),
+    """[Seed002-Brunn2022] (sec. IV.A, "simple simulated sinus data"): 2,000 samples x_i ~ N(0, 1),
     y_i = sin(x_i) + 0.1 * beta_i with beta_i ~ N(0, 1); squared-error loss. ``noise`` is the 0.1, and the test split
     (not described in the paper) is ``num_test`` fresh samples of the same distribution.
     """
@@ -78,9 +78,10 @@ def build_rahimi_recht(
     root: str | None = None, download: bool = False, *, x_dim: int = 6, y_dim: int = 10,
     num_samples: int = 1000, num_test: int = 1000, condition: float = 1e5, seed: int = 0,
 ) -> Splits:
-    """Seed 003 (sec. 4, Table 1): fit y = A x, with A ill-conditioned (condition number 1e5), by a network of two
-    linear layers. Seed 003 gives no sizes; the defaults follow Rahimi & Recht's own example (B. Recht,
-    "shallow-linear-net", TwoLayerLinearNets notebook): x in R^6 drawn from N(0, I), y in R^10, 1,000 samples.
+    """[Seed003-Henriques2019] (sec. 4, Table 1): fit y = A x, with A ill-conditioned (condition number 1e5), by a
+    network of two linear layers. The seed gives no sizes; the defaults follow Rahimi & Recht's own example
+    ([RahimiRecht2017]: B. Recht, "shallow-linear-net", TwoLayerLinearNets notebook): x in R^6 drawn from N(0, I),
+    y in R^10, 1,000 samples.
     """
     x_dim, y_dim = positive_int("dataset.x_dim", x_dim), positive_int("dataset.y_dim", y_dim)
     if not finite("dataset.condition", condition) >= 1:
@@ -102,8 +103,9 @@ def build_rosenbrock(
     root: str | None = None, download: bool = False, *, l1: float = 1.0, l2: float = 1.0,
     num_samples: int = 1000, num_test: int = 100, seed: int = 0,
 ) -> Splits:
-    """Seed 003 eq. 19, the stochastic Rosenbrock function R(u, v) = (1 - u)^2 + 100 eps_i (v - u^2)^2 with one noise
-    sample eps_i ~ U[l1, l2] per evaluation (l1 = l2 = 1 is the deterministic function).
+    """[Seed003-Henriques2019] eq. 19 (after [YangDeb2010]), the stochastic Rosenbrock function
+    R(u, v) = (1 - u)^2 + 100 eps_i (v - u^2)^2 with one noise sample eps_i ~ U[l1, l2] per evaluation (l1 = l2 = 1 is
+    the deterministic function).
 
     The "inputs" are the noise samples eps (N, 1) and the targets are zeros (N, 2): the model
     (``models.problems.Rosenbrock``) outputs the residuals r = (1 - u, 10 sqrt(eps) (v - u^2)), and the "sse" loss

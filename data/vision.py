@@ -1,4 +1,5 @@
-"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 from torchvision's on-disk formats.
+"""MNIST [LeCun1998], Fashion-MNIST [Xiao2017], CIFAR-10 and CIFAR-100 [Krizhevsky2009] from torchvision's on-disk
+formats (keys in REFERENCES.md).
 
 All four are small enough to hold in memory: the uint8 arrays that torchvision reads are normalised once into a
 ``TensorPairDataset``. Only augmented CIFAR training goes through per-sample transforms (and so a DataLoader).

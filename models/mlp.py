@@ -1,8 +1,8 @@
 """Fully-connected networks: flatten -> [Linear -> activation] * len(hidden) -> Linear.
 
-One builder covers the MLPs of the seeds (see conf/model/mlp*.yaml): logistic regression (no hidden
-layer, seed 001), 784-800-10 ReLU (seed 002), 1-15-15-1 ReLU sine regression (seed 002),
-128-64-32-10 tanh (seed 003), linear-ReLU-linear (seed 004) and 1-/2-hidden-layer nets (seed 001).
+One builder covers the MLPs of the seeds (see conf/model/mlp*.yaml; keys in REFERENCES.md): logistic regression (no
+hidden layer, [Seed001-Veitch]), 784-800-10 ReLU and 1-15-15-1 ReLU sine regression ([Seed002-Brunn2022]), 128-64-32-10
+tanh ([Seed003-Henriques2019]), linear-ReLU-linear ([Seed004-Wang]) and 1-/2-hidden-layer nets ([Seed001-Veitch]).
 """
 
 from __future__ import annotations
