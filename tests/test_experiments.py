@@ -134,9 +134,11 @@ def seed_rows() -> dict[str, Row]:
     hf = {"optimizer.damping_factor": 1.0, "optimizer.lr": 0.5, "optimizer.line_search": False,
           "optimizer.backtrack": False, "optimizer.preconditioner": False, "optimizer.warm_start_decay": 0.0}
     rows |= {
-        "seed004_sgd": Row(("build_mnist", "build_mlp", "SGD"), {**base, "optimizer.lr": 0.1, "optimizer.momentum": 0.0}),
+        "seed004_sgd": Row(("build_mnist", "build_mlp", "SGD"), {
+            **base, "optimizer.lr": 0.1, "optimizer.momentum": 0.0}),
         "seed004_newton": Row(("build_mnist", "build_mlp", "Newton"), {**base, **newton, "optimizer.damping": 0.0}),
-        "seed004_damped_newton": Row(("build_mnist", "build_mlp", "Newton"), {**base, **newton, "optimizer.damping": 32.0}),
+        "seed004_damped_newton": Row(("build_mnist", "build_mlp", "Newton"), {
+            **base, **newton, "optimizer.damping": 32.0}),
         "seed004_hf_newton": Row(("build_mnist", "build_mlp", "HessianFree"), {
             **base, **hf, "optimizer.curvature": "hessian", "optimizer.damping": 32.0}),
         "seed004_hf_gauss_newton": Row(("build_mnist", "build_mlp", "HessianFree"), {
