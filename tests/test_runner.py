@@ -104,6 +104,7 @@ def test_regression_dataset_logs_loss_without_accuracy(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_mnist_mlp_sgd_one_epoch_reaches_95_percent(tmp_path):
     result = train(make_config("dataset=mnist", "model=mlp", "optimizer=sgd", "trainer.max_epochs=1"), tmp_path)
     assert result.steps == 469  # ceil(60,000 / 128)
