@@ -238,7 +238,8 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["dataset.num_test=0"], ValueError, r"^dataset.num_test=0 must be an integer >= 1.$"),
         (["model.hidden=[64,0]"], ValueError, r"^model.hidden\[1\]=0 must be an integer >= 1.$"),
         (["+dataset.colour=red"], ValueError,
-         r"^dataset.colour is not an option of dataset 'build_digits'. Valid keys: root, download, num_test, split_seed.$"),
+         r"^dataset.colour is not an option of dataset 'build_digits'. Valid keys: root, download, num_test, "
+         r"split_seed.$"),
         (["model._target_=models.nothing.build"], ValueError, r"^model._target_=models.nothing.build cannot be"),
         (["+trainer.max_step=5"], ValueError, r"^'trainer.max_step' is not a config key \(misspelled\?\). Valid keys "
                                               r"under trainer: batch_size, .*max_steps"),
