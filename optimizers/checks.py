@@ -200,27 +200,31 @@ def _plain(value: Any) -> Any:
 def check_call(group: str, fn: Callable, kwargs: Mapping[str, Any], *, supplied: Sequence[str] = ()) -> dict:
     """Keyword arguments for ``fn`` from a config group, checked against its signature and annotations.
 
-    Unknown keys and values whose type contradicts the annotation (``int``, ``float``, ``bool``, ``str``, sequences of
-    those, ``Optional``/unions, ``Literal``) raise OptionError naming ``group.key``. ``supplied`` lists the arguments
-    the runner passes itself (e.g. ``input_shape``); they are not config keys. Value ranges stay the builder's job.
+    Unknown keys, missing required ones and values whose type contradicts the annotation (``int``, ``float``,
+    ``bool``, ``str``, sequences of those, ``Optional``/unions, ``Literal``) raise OptionError naming ``group.key``.
+    ``supplied`` lists the arguments the caller passes itself (e.g. ``input_shape``); they are not config keys, and
+    setting one in the group is an error too. Value ranges stay the builder's job.
     """
-    signature = inspect.signature(fn)
-    params = signature.parameters
+    params = inspect.signature(fn).parameters
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in supplied]
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)  # a class: its __init__
     except Exception:  # noqa: BLE001 -- unresolvable annotations: check names only
         hints = {}
     out = {}
     for key, value in kwargs.items():
         value = _plain(value)
-        if key not in params and not open_kwargs:
+        if (key not in params and not open_kwargs) or key in supplied:
             raise OptionError(f"{group}.{key} is not an option of {group} '{_name(fn)}'. "
                               f"Valid keys: {', '.join(valid) or 'none'}.")
         if key in hints and not _matches(value, hints[key]):
             fail(f"{group}.{key}", value, f"must be {_describe(hints[key])}.")
         out[key] = value
+    missing = [n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise OptionError(f"{group}.{missing[0]} is missing: {group} '{_name(fn)}' needs it (set it with "
+                          f"+{group}.{missing[0]}=...).")
     return out
 
 
