@@ -148,10 +148,6 @@ def seed_rows() -> dict[str, Row]:
 
 
 ROWS = seed_rows()
-# Rows that set keys the optimiser library gains in the reshape of issue 6 (weight_decay for GD, L-BFGS and NLCG):
-# they compose today and train once the library lands. The lead removes this list at merge.
-NEEDS_RESHAPE = sorted(name for name in ROWS if name.startswith("seed001_fashion_"))
-RESHAPE = pytest.mark.xfail(reason="needs the library reshape", strict=False)
 # Rows with a test of their own below, or too large to step here.
 OWN_TEST = {"seed000_simple_cnn_newton", "seed004_hf_newton", "seed004_hf_gauss_newton",
             "seed004_newton", "seed004_damped_newton"}  # explicit Newton: a 25,450^2 Hessian per step (2.6 GB)
@@ -162,7 +158,7 @@ DATA = {"build_mnist": "mnist", "build_fashion_mnist": "mnist", "build_cifar10":
 def runnable(kind: str) -> list:
     """The rows that take two real steps here, on data of `kind` (mnist | synthetic | cifar10)."""
     names = [n for n, r in ROWS.items() if DATA.get(r.builders[0], "synthetic") == kind and n not in OWN_TEST]
-    return [pytest.param(n, marks=RESHAPE) if n in NEEDS_RESHAPE else n for n in names]
+    return names
 
 
 def make_config(*overrides: str, hydra_node: bool = False) -> DictConfig:
