@@ -6,8 +6,8 @@
   same Krylov space, so the most negative Hessian eigenvalues (negative curvature) cost what the top ones cost.
 * ``power_iteration``: seed 000 Algorithm 5 (sec. 15.1): b <- A b / ||A b|| from a random unit b, the eigenvalue as
   the Rayleigh quotient b^T A b (the seed's ||A b|| loses the sign), further eigenpairs by the seed's deflation
-  A - lambda_1 v_1 v_1^T. It converges to the eigenvalue largest in *magnitude*; to reach the algebraically largest
-  (or smallest) end when the other end dominates, it iterates on A + sigma I with sigma = +-|lambda_dominant|.
+  A - lambda_1 v_1 v_1^T. It converges to the eigenvalue largest in *magnitude*; when that one lies at the other
+  end of the spectrum, the iteration continues on a shifted A + sigma I whose wanted end dominates.
   As in PyHessian (Yao, Gholami, Keutzer, Mahoney 2020, "PyHessian: Neural networks through the lens of the
   Hessian"), for comparison: it needs far more products than Lanczos for the same accuracy.
 
@@ -122,35 +122,34 @@ def _power_one(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_it
 def power_iteration(source: Any, k: int = 1, which: str = "largest", curvature: str = "hessian", seed: int = 0,
                     tol: float = 1e-5, max_iters: int = 100) -> Eigenpairs:
     """Power iteration with deflation (seed 000 Algorithm 5 and sec. 15.1), at most ``max_iters`` products per
-    eigenpair, each stopped when ||A b - mu b|| <= tol |mu|."""
+    try, each stopped when ||B b - mu b|| <= tol |mu| for B = A + shift I - sum_j (lambda_j + shift) v_j v_j^T.
+
+    The shift starts at 0 (the seed's iteration). A pair whose mu has the wrong sign (negative when the largest are
+    wanted) belongs to the other end of the spectrum: the shift moves by -mu, which makes every remaining eigenvalue
+    of B one-signed, and the pair is drawn again; every later pair then converges to the wanted end."""
     op = as_operator(source, curvature)
     _check(k, which, op.numel)
-    meter = Meter(op.device, op)
-    gen = probes.generator(seed)
-    found: list[tuple[float, Tensor, float]] = []   # (eigenvalue of A + shift I, vector, residual)
+    meter, gen = Meter(op.device, op), probes.generator(seed)
+    sign = 1.0 if which == "largest" else -1.0
+    found: list[tuple[float, Tensor, float, bool]] = []   # (eigenvalue of A, vector, residual, converged)
+    shift, iterations = 0.0, 0
 
-    def deflated(v: Tensor) -> Tensor:                # (A + shift I - sum_j mu_j v_j v_j^T) v
+    def deflated(v: Tensor) -> Tensor:
         out = op.matvec(v) + shift * v
-        for mu_j, v_j, _ in found:
-            out = out - mu_j * torch.dot(v_j, v) * v_j
+        for lam_j, v_j, _, _ in found:
+            out = out - (lam_j + shift) * torch.dot(v_j, v) * v_j
         return out
 
-    shift, iterations = 0.0, 0
-    mu, b, res, its = _power_one(deflated, probes.unit(op.numel, gen, op.dtype, op.device), tol, max_iters)
-    iterations += its
-    sign = 1.0 if which == "largest" else -1.0
-    if sign * mu >= 0:
-        found.append((mu, b, res))
-    else:   # the other end dominates in magnitude: shift it to zero, so the wanted end dominates
-        shift = sign * abs(mu)
     while len(found) < k:
         mu, b, res, its = _power_one(deflated, probes.unit(op.numel, gen, op.dtype, op.device), tol, max_iters)
         iterations += its
-        found.append((mu, b, res))
-    values = torch.tensor([mu_j - shift for mu_j, _, _ in found], dtype=torch.float64)
+        if sign * mu >= 0:
+            found.append((mu - shift, b, res, res <= tol * abs(mu)))
+        else:
+            shift -= mu
+    values = torch.tensor([f[0] for f in found], dtype=torch.float64)
     order = torch.argsort(values, descending=(which == "largest"))
     vectors = torch.stack([found[i][1] for i in order])
     residuals = torch.tensor([found[i][2] for i in order], dtype=torch.float64)
-    converged = all(res_j <= tol * abs(mu_j) for mu_j, _, res_j in found)
     return Eigenpairs(values[order], vectors, residuals, which, "power", getattr(op, "curvature", "matrix"),
-                      iterations, converged, meter.cost(op))
+                      iterations, all(f[3] for f in found), meter.cost(op))
