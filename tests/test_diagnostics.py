@@ -338,3 +338,21 @@ def test_records_serialise_without_parameter_sized_vectors(problem):
 def test_bad_arguments_name_the_key(problem, call, message):
     with pytest.raises(ValueError, match=message):
         call(objective(problem))
+
+
+def test_plots_write_pngs(problem, tmp_path):
+    from optimizers.diagnostics import plots
+    obj = objective(problem)
+    top = diag.eigenpairs(obj, k=2, max_steps=10)
+    d = top.eigenvectors
+    figures = {
+        "spectrum": plots.plot_spectrum([top, diag.eigenpairs(obj, k=2, which="smallest", max_steps=10)],
+                                        diag.spectral_density(obj, 2, 5), full=torch.linalg.eigvalsh(problem[5]["hessian"])),
+        "taylor": plots.plot_taylor(diag.taylor_test(obj)),
+        "contour": plots.plot_surface(diag.loss_surface(obj, (d[0], d[1]), [-1, 0, 1], [-1, 0, 1])),
+        "surface3d": plots.plot_surface(diag.loss_surface(obj, (d[0], d[1]), [-1, 0, 1], [-1, 0, 1]), kind="3d"),
+        "line": plots.plot_line(diag.loss_line(obj, d[0], [-1, 0, 1])),
+    }
+    for name, fig in figures.items():
+        fig.savefig(tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
