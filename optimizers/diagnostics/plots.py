@@ -33,11 +33,12 @@ def plot_spectrum(eigenpairs: list[Eigenpairs] | Eigenpairs | None = None, densi
     axes = fig.subplots(1, max(len(panels), 1), squeeze=False)[0]
     i = 0
     if pairs:
-        ax = axes[i]
-        for p in pairs:
-            labels = [f"{'top' if p.which == 'largest' else 'bottom'}{j + 1}" for j in range(len(p.eigenvalues))]
-            ax.bar(labels, p.eigenvalues.tolist(), label=f"{p.curvature} ({p.method})")
-        ax.set_ylabel("eigenvalue"), ax.legend(), ax.axhline(0.0, color="black", linewidth=0.5)
+        ax, width = axes[i], 0.8 / len(pairs)
+        for j, p in enumerate(pairs):       # grouped bars: eigenvalue number j from the wanted end, one bar per record
+            x = [n + 1 + (j - (len(pairs) - 1) / 2) * width for n in range(len(p.eigenvalues))]
+            ax.bar(x, p.eigenvalues.tolist(), width, label=f"{p.curvature} {p.which} ({p.method})")
+        ax.set_xlabel("eigenvalue number from the end"), ax.set_ylabel("eigenvalue"), ax.legend(fontsize=8)
+        ax.axhline(0.0, color="black", linewidth=0.5)
         i += 1
     if density is not None:
         grid, phi = density.density()
