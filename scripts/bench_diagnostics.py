@@ -14,7 +14,7 @@ Products are curvature-vector products; seconds are wall time in this process, m
 same model and batch (so ratios hold on a shared machine; absolute seconds do not). The trace is a random estimate in
 every library: its relative difference is a sample of the estimators' error (compare with the printed stderr).
 
-    python scripts/bench_diagnostics.py                       # MNIST MLP 784-128-10 (b=1000) and basic CIFAR CNN (b=128)
+    python scripts/bench_diagnostics.py               # MNIST MLP 784-128-10 (b=1000) and basic CIFAR CNN (b=128)
     python scripts/bench_diagnostics.py --models mlp --device cuda
 Needs the ``[bench]`` extra: pip install -e ".[bench]".
 """

@@ -8,7 +8,7 @@ fixed diagnostic batch (the first ``--batch-size`` training samples, in the run'
     density    Hessian spectral density by stochastic Lanczos quadrature                 -> spectrum.png (right)
     trace      Hutchinson and Hutch++ estimates of tr(H) and tr(G)                        -> JSON only
     taylor     seed 000's Taylor test along a random direction and the top eigenvector    -> taylor.png, taylor_top.png
-    surface    loss along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1)             -> surface_contour.png, surface_3d.png
+    surface    loss along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1) -> surface_contour.png, surface_3d.png
     full       the explicit Hessian's full spectrum (models up to --max-explicit params)   -> full_spectrum.png
 
 Without ``what``, all of them (``full`` only when the model is small enough). Examples:
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     if "full" in what:
         run_full(obj, args, out, records)
     summary = {"run": str(args.run), "batch_size": int(x.shape[0]), "mode": args.mode, "numel": numel,
-               "loss": float(obj.loss()), **{k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in records.items()}}
+               "loss": float(obj.loss()),
+               **{k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in records.items()}}
     (out / "diagnostics.json").write_text(json.dumps(summary, indent=1))
     for name, record in records.items():
         if hasattr(record, "scalars"):

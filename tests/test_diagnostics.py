@@ -347,7 +347,8 @@ def test_plots_write_pngs(problem, tmp_path):
     d = top.eigenvectors
     figures = {
         "spectrum": plots.plot_spectrum([top, diag.eigenpairs(obj, k=2, which="smallest", max_steps=10)],
-                                        diag.spectral_density(obj, 2, 5), full=torch.linalg.eigvalsh(problem[5]["hessian"])),
+                                        diag.spectral_density(obj, 2, 5),
+                                        full=torch.linalg.eigvalsh(problem[5]["hessian"])),
         "taylor": plots.plot_taylor(diag.taylor_test(obj)),
         "contour": plots.plot_surface(diag.loss_surface(obj, (d[0], d[1]), [-1, 0, 1], [-1, 0, 1])),
         "surface3d": plots.plot_surface(diag.loss_surface(obj, (d[0], d[1]), [-1, 0, 1], [-1, 0, 1]), kind="3d"),
