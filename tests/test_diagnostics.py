@@ -357,3 +357,37 @@ def test_plots_write_pngs(problem, tmp_path):
     for name, fig in figures.items():
         fig.savefig(tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def bn_dropout_net() -> nn.Module:
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Dropout(0.3), nn.Linear(8, 3)).double()
+
+
+def sgd_trajectory(model: nn.Module, diagnose_at: int | None) -> list[torch.Tensor]:
+    """Three SGD steps on fixed batches; optionally every diagnostic on another batch before step ``diagnose_at``."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.manual_seed(11)
+    for step in range(3):
+        if step == diagnose_at:
+            with diag.isolated(model):
+                x, y = batch(16, seed=9)
+                obj = Objective(model, "cross_entropy", x, y)
+                run_all(obj, seed=0)
+                diag.loss_surface(obj, [diag.filter_normalized_direction(obj)] * 2, [0.0, 1.0], [0.0])
+        x, y = batch(16, seed=step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    return [t.detach().clone() for t in model.state_dict().values()] + [torch.get_rng_state()]
+
+
+def test_isolated_diagnostics_leave_a_training_trajectory_bitwise_unchanged():
+    plain = sgd_trajectory(bn_dropout_net().train(), diagnose_at=None)
+    with_diagnostics = sgd_trajectory(bn_dropout_net().train(), diagnose_at=1)
+    assert all(torch.equal(a, b) for a, b in zip(plain, with_diagnostics))
+    # without the guard the diagnostic batch's forward moves the BN statistics and the dropout RNG
+    model = bn_dropout_net().train()
+    before = model[1].running_mean.clone()
+    Objective(model, "cross_entropy", *batch(16, seed=9)).loss()
+    assert not torch.equal(model[1].running_mean, before)

@@ -13,10 +13,12 @@ includes its cost in products, gradients, loss evaluations and seconds; random d
 
 Modules: ``operators`` (H or G as a counted linear operator), ``lanczos`` (the Krylov engine), ``spectrum``
 (eigenpairs), ``trace`` (Hutchinson, diagonal, Hutch++), ``density`` (stochastic Lanczos quadrature), ``taylor``,
-``surface``, ``gradcheck``, ``plots`` (matplotlib figures from the records), ``results`` (records and costs).
+``surface``, ``gradcheck``, ``plots`` (matplotlib figures from the records), ``results`` (records and costs),
+``isolation`` (``with isolated(model):`` leaves buffers, gradients and the global RNG as they were).
 """
 from optimizers.diagnostics.density import SpectralDensity, spectral_density
 from optimizers.diagnostics.gradcheck import GradientCheck, finite_difference_check, gradient_check
+from optimizers.diagnostics.isolation import isolated
 from optimizers.diagnostics.operators import CurvatureOperator, MatrixOperator, as_operator
 from optimizers.diagnostics.results import Cost, Record
 from optimizers.diagnostics.spectrum import Eigenpairs, eigenpairs, lanczos_eigenpairs, power_iteration
@@ -27,7 +29,7 @@ from optimizers.diagnostics.trace import (DiagonalEstimate, TraceEstimate, hutch
                                           hutchpp_trace)
 
 __all__ = [
-    "Cost", "Record", "CurvatureOperator", "MatrixOperator", "as_operator",
+    "Cost", "Record", "isolated", "CurvatureOperator", "MatrixOperator", "as_operator",
     "Eigenpairs", "eigenpairs", "lanczos_eigenpairs", "power_iteration",
     "TraceEstimate", "DiagonalEstimate", "hutchinson_trace", "hutchinson_diagonal", "hutchpp_trace",
     "SpectralDensity", "spectral_density", "TaylorTest", "taylor_test",
