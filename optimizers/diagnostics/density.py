@@ -39,9 +39,9 @@ class SpectralDensity(Record):
         """Estimate of tr(A^k) / n."""
         return float((self.weights * self.nodes.pow(k)).sum(1).mean())
 
-    def histogram(self, bins: int = 50, range: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
+    def histogram(self, bins: int = 50, bounds: tuple[float, float] | None = None) -> tuple[Tensor, Tensor]:
         """(edges (bins + 1,), mass per bin (bins,)): the share of eigenvalues in each bin; masses sum to 1."""
-        lo, hi = range if range is not None else (float(self.nodes.min()), float(self.nodes.max()))
+        lo, hi = bounds if bounds is not None else (float(self.nodes.min()), float(self.nodes.max()))
         hi = hi if hi > lo else lo + 1.0
         edges = torch.linspace(lo, hi, bins + 1, dtype=torch.float64)
         index = torch.bucketize(self.nodes.reshape(-1), edges[1:-1])
