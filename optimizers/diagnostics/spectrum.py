@@ -140,13 +140,15 @@ def power_iteration(source: Any, k: int = 1, which: str = "largest", curvature: 
             out = out - (lam_j + shift) * torch.dot(v_j, v) * v_j
         return out
 
+    retried = False
     while len(found) < k:
         mu, b, res, its = _power_one(deflated, probes.unit(op.numel, gen, op.dtype, op.device), tol, max_iters)
         iterations += its
-        if sign * mu >= 0:
+        if sign * mu >= 0 or retried:      # after one shift the rest is one-signed: accept (rounding may flip ~0)
             found.append((mu - shift, b, res, res <= tol * abs(mu)))
+            retried = False
         else:
-            shift -= mu
+            shift, retried = shift - mu, True
     values = torch.tensor([f[0] for f in found], dtype=torch.float64)
     order = torch.argsort(values, descending=(which == "largest"))
     vectors = torch.stack([found[i][1] for i in order])

@@ -11,6 +11,7 @@ Table 15.1's float32 plateau). The seed's text calls the first- and second-order
 its Table 15.1 numbers fall by about 10^2 and 10^2-10^3 per decade, i.e. the slopes 2 and 3 fitted here.
 A slope 2 for r2 with ``curvature="ggn"`` measures how far the GGN is from the Hessian along d; piecewise-linear
 networks (ReLU) give kinks, so use a smooth model (tanh) or small distances when checking the Hessian itself.
+The gradient, the product and the losses must be of the same loss: use an Objective without a curvature sub-batch.
 """
 from __future__ import annotations
 
