@@ -64,7 +64,7 @@ def plot_curves(groups: dict[str, list[Run]], out: Path, x: str) -> list[Path]:
         if "loss" in key and _all_positive(groups, key):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    _legend(fig, axes[0])
+    _legend(fig, axes[0], groups)
     return _save(fig, out, f"curves_vs_{x}")
 
 
@@ -84,7 +84,7 @@ def plot_diagnostics(groups: dict[str, list[Run]], out: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
-    _legend(fig, axes.flat)
+    _legend(fig, axes.flat, groups)
     return _save(fig, out, "diagnostics_vs_step")
 
 
@@ -95,14 +95,15 @@ def plot_cg_stops(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     if not counts:
         return []
     reasons = sorted(set().union(*counts.values()))
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(counts), 3.0))
+    fig, ax = plt.subplots(figsize=(2.4 + 0.9 * len(counts), 3.0))
     bottoms = [0.0] * len(counts)
     for i, reason in enumerate(reasons):
         shares = [c[reason] / sum(c.values()) for c in counts.values()]
-        ax.bar(list(counts), shares, bottom=bottoms, label=reason, color=COLORS[i % len(COLORS)])
+        ax.bar(list(counts), shares, width=0.6, bottom=bottoms, label=reason, color=COLORS[i % len(COLORS)])
         bottoms = [b + s for b, s in zip(bottoms, shares)]
-    ax.set(title="CG stopping reason (share of steps)", ylim=(0, 1))
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.set(title="CG stop reasons", ylabel="share of steps", ylim=(0, 1))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
     return _save(fig, out, "cg_stop_reasons")
 
 
@@ -140,22 +141,26 @@ def _colors():
         yield from COLORS
 
 
-def _legend(fig, axes) -> None:
-    """One legend for the figure, below the panels, without repeated labels."""
+def _legend(fig, axes, groups: dict[str, list[Run]]) -> None:
+    """One legend for the figure, below the panels, in group order, without repeated labels."""
     seen: dict[str, object] = {}
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             seen.setdefault(label, handle)
-    if seen:
-        fig.legend(seen.values(), seen.keys(), loc="lower center", ncol=min(4, len(seen)), fontsize=8, frameon=False)
-        fig.tight_layout(rect=(0, 0.06 + 0.05 * math.ceil(len(seen) / 4), 1, 1))
-    else:
+    order = list(groups)
+    labels = sorted(seen, key=lambda label: next((i for i, g in enumerate(order) if label.startswith(f"{g} (")), 0))
+    if not labels:
         fig.tight_layout()
+        return
+    ncol = min(4, len(labels))
+    fig.legend([seen[label] for label in labels], labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    legend_inches = 0.2 + 0.2 * math.ceil(len(labels) / ncol)
+    fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
 
 
 def _save(fig, out: Path, name: str) -> list[Path]:
     paths = [out / f"{name}.png", out / f"{name}.pdf"]
     for path in paths:
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return paths
