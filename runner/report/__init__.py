@@ -12,8 +12,15 @@
     cli         the command line (scripts/report.py)
 """
 
-from runner.report.cli import Report, build_report, main
-from runner.report.load import ReportError, Run, find_runs
-from runner.report.tables import markdown_table, side_by_side
-
 __all__ = ["Report", "ReportError", "Run", "build_report", "find_runs", "main", "markdown_table", "side_by_side"]
+_HOMES = {"Report": "cli", "build_report": "cli", "main": "cli", "ReportError": "load", "Run": "load",
+          "find_runs": "load", "markdown_table": "tables", "side_by_side": "tables"}
+
+
+def __getattr__(name: str):
+    """Lazy: `runner.report.quantities` (used by every run through runner/tuning.py) must not load matplotlib."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'runner.report' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f"runner.report.{_HOMES[name]}"), name)
