@@ -179,7 +179,7 @@ def test_diverged_and_failed_runs_are_counted_and_the_rest_reported(report, fold
     assert "| 2 ok, 1 diverged |" in sgd_line
     assert "optimizer.lr" in report.markdown  # the diverged run's lr differs: the mixed group is flagged
 
-    failing = build_report([folders["failing"]], out=tmp_path / "failing")
+    failing = build_report([folders["failing"]], out=tmp_path / "failing", formats=[])
     assert [(r["status"], r["steps"]) for r in failing.runs] == [("ok", 3), ("error", 0)]
     assert "| sgd | 1 ok, 1 error |" in failing.markdown
 
@@ -189,7 +189,7 @@ def test_a_killed_run_is_reported_as_interrupted_with_its_rows(folders, tmp_path
     assert not (killed / "summary.json").exists()
     with open(killed / "metrics.jsonl", "a") as file:
         file.write('{"step": 99999, "loss": 0.')  # a write cut short: skipped, the complete rows are kept
-    report = build_report([killed], targets=["eval/accuracy=0.0"], out=tmp_path / "r")
+    report = build_report([killed], targets=["eval/accuracy=0.0"], out=tmp_path / "r", xs=["step"], formats=["png"])
     (run,) = report.runs
     complete = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()[:-1]]
     assert run["status"] == "interrupted" and run["steps"] == complete[-1]["step"] >= 12
@@ -199,7 +199,7 @@ def test_a_killed_run_is_reported_as_interrupted_with_its_rows(folders, tmp_path
 
 
 def test_group_by_several_keys(folders, tmp_path):
-    report = build_report([folders["sweep"]], by=["optimizer", "seed"], out=tmp_path / "r", xs=["step"])
+    report = build_report([folders["sweep"]], by=["optimizer", "seed"], out=tmp_path / "r", formats=[])
     assert [g["group"] for g in report.groups] == [
         "optimizer=sgd, seed=0", "optimizer=sgd, seed=1", "optimizer=hf, seed=0", "optimizer=hf, seed=1"]
     assert all(g["runs"] == 1 for g in report.groups)
@@ -226,11 +226,12 @@ def test_every_figure_exists_as_a_valid_png_and_pdf(report):
 def test_cli_prints_the_table_and_exits_0(folders, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(folders["sweep"]),
-                             "--target", "eval/accuracy=0.5", "--x", "step,time", "--out", str(out)],
+                             "--target", "eval/accuracy=0.5", "--x", "step,time", "--formats", "png", "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| optimizer | runs |" in result.stdout and "| hf | 2 ok |" in result.stdout
     assert (out / "curves_vs_time.png").is_file() and not (out / "curves_vs_epoch.png").exists()
+    assert not list(out.glob("*.pdf"))
     assert (out / "summary.md").read_text() in result.stdout
 
 
@@ -252,6 +253,7 @@ def test_cli_refuses_an_empty_or_foreign_folder_with_exit_2(tmp_path):
     (["SWEEP", "--target", "eval/accuracy"], "is not METRIC=VALUE"),
     (["SWEEP", "--by", "optimzer"], "--by optimzer: no run has this config key"),
     (["SWEEP", "--x", "steps"], "--x steps is not an x axis. Choose from: step, epoch, samples, time"),
+    (["SWEEP", "--formats", "svg"], "--formats svg is not a figure format. Choose from: png, pdf"),
 ])
 def test_cli_bad_options_exit_2_with_one_paragraph(folders, tmp_path, capsys, args, message):
     args = [a.replace("MISSING_FOLDER", str(tmp_path / "nope")).replace("SWEEP", str(folders["sweep"])) for a in args]

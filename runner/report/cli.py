@@ -20,7 +20,7 @@ from pathlib import Path
 from runner.report import quantities as q
 from runner.report.aggregate import group_runs, mixed_keys, unknown_keys
 from runner.report.load import ReportError, find_runs
-from runner.report.plots import X_AXES, plot_all
+from runner.report.plots import FORMATS, X_AXES, plot_all
 from runner.report.tables import group_record, markdown_summary, run_record, tidy_rows, write_csv
 
 EXIT_OK, EXIT_USER_ERROR = 0, 2
@@ -36,13 +36,18 @@ class Report:
 
 
 def build_report(paths: list[str | Path], by: list[str] | None = None, targets: list[str] | None = None,
-                 out: str | Path | None = None, xs: list[str] | None = None) -> Report:
+                 out: str | Path | None = None, xs: list[str] | None = None,
+                 formats: list[str] | None = None) -> Report:
     """Read the runs under `paths`, group them, write the tables and figures into `out`. Raises ReportError."""
     by = by or ["optimizer"]
     xs = xs or list(X_AXES)
+    formats = formats if formats is not None else list(FORMATS)
     bad = [x for x in xs if x not in X_AXES]
     if bad:
         raise ReportError(f"--x {','.join(bad)} is not an x axis. Choose from: {', '.join(X_AXES)}.")
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ReportError(f"--formats {','.join(bad)} is not a figure format. Choose from: {', '.join(FORMATS)}.")
     try:
         parsed = [q.parse_target(t) for t in targets or []]
     except ValueError as exc:
@@ -64,7 +69,7 @@ def build_report(paths: list[str | Path], by: list[str] | None = None, targets: 
     write_csv(out / "runs.csv", run_records)
     write_csv(out / "rows.csv", tidy_rows(runs, by))
     report.files = [out / name for name in ("summary.md", "summary.csv", "runs.csv", "rows.csv")]
-    report.files += plot_all(groups, out, xs)
+    report.files += plot_all(groups, out, xs, tuple(formats))
     return report
 
 
@@ -90,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="steps and wall-clock to reach it, e.g. eval/accuracy=0.98 or train/loss=0.05 (repeatable)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")
     parser.add_argument("--x", default=",".join(X_AXES), help=f"x axes of the curves (default: {','.join(X_AXES)})")
+    parser.add_argument("--formats", default=",".join(FORMATS),
+                        help=f"figure formats (default: {','.join(FORMATS)}; empty for tables only)")
     return parser.parse_args(argv)
 
 
@@ -97,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     split = lambda text: [part.strip() for part in text.split(",") if part.strip()]  # noqa: E731
     try:
-        report = build_report(args.folders, split(args.by), args.target, args.out, split(args.x))
+        report = build_report(args.folders, split(args.by), args.target, args.out, split(args.x), split(args.formats))
     except (ReportError, OSError) as exc:
         if os.environ.get("CURVLAB_DEBUG", "") not in ("", "0"):
             raise

@@ -42,20 +42,25 @@ DIAGNOSTICS = [  # (column, title, log scale)
 COLORS = plt.get_cmap("tab10").colors
 
 
-def plot_all(groups: dict[str, list[Run]], out: Path, xs: list[str]) -> list[Path]:
+FORMATS = ("png", "pdf")
+
+
+def plot_all(groups: dict[str, list[Run]], out: Path, xs: list[str], formats: tuple[str, ...] = FORMATS) -> list[Path]:
     files: list[Path] = []
+    if not formats:
+        return files
     for x in xs:
-        files += plot_curves(groups, out, x)
-    files += plot_diagnostics(groups, out)
-    files += plot_cg_stops(groups, out)
+        files += _save(plot_curves(groups, x), out, f"curves_vs_{x}", formats)
+    files += _save(plot_diagnostics(groups), out, "diagnostics_vs_step", formats)
+    files += _save(plot_cg_stops(groups), out, "cg_stop_reasons", formats)
     return files
 
 
-def plot_curves(groups: dict[str, list[Run]], out: Path, x: str) -> list[Path]:
+def plot_curves(groups: dict[str, list[Run]], x: str):
     column, xlabel = X_AXES[x]
     panels = [(key, title) for key, title in CURVES if _logged(groups, key)]
     if not panels:
-        return []
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.0), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for color, (label, runs) in zip(_colors(), groups.items()):
@@ -65,13 +70,13 @@ def plot_curves(groups: dict[str, list[Run]], out: Path, x: str) -> list[Path]:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     _legend(fig, axes[0], groups)
-    return _save(fig, out, f"curves_vs_{x}")
+    return fig
 
 
-def plot_diagnostics(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+def plot_diagnostics(groups: dict[str, list[Run]]):
     panels = [d for d in DIAGNOSTICS if _logged(groups, d[0])]
     if not panels:
-        return []
+        return None
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.8 * cols, 2.8 * rows), squeeze=False)
@@ -85,15 +90,15 @@ def plot_diagnostics(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     _legend(fig, axes.flat, groups)
-    return _save(fig, out, "diagnostics_vs_step")
+    return fig
 
 
-def plot_cg_stops(groups: dict[str, list[Run]], out: Path) -> list[Path]:
+def plot_cg_stops(groups: dict[str, list[Run]]):
     counts = {label: Counter(row["cg/stop"] for run in runs for row in run.rows if isinstance(row.get("cg/stop"), str))
               for label, runs in groups.items()}
     counts = {label: c for label, c in counts.items() if c}
     if not counts:
-        return []
+        return None
     reasons = sorted(set().union(*counts.values()))
     fig, ax = plt.subplots(figsize=(2.4 + 0.9 * len(counts), 3.0))
     bottoms = [0.0] * len(counts)
@@ -104,7 +109,7 @@ def plot_cg_stops(groups: dict[str, list[Run]], out: Path) -> list[Path]:
     ax.set(title="CG stop reasons", ylabel="share of steps", ylim=(0, 1))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
     fig.tight_layout()
-    return _save(fig, out, "cg_stop_reasons")
+    return fig
 
 
 def _draw(ax, runs: list[Run], key: str, x: str, color, label: str) -> None:
@@ -158,8 +163,11 @@ def _legend(fig, axes, groups: dict[str, list[Run]]) -> None:
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
 
 
-def _save(fig, out: Path, name: str) -> list[Path]:
-    paths = [out / f"{name}.png", out / f"{name}.pdf"]
+def _save(fig, out: Path, name: str, formats: tuple[str, ...]) -> list[Path]:
+    """`fig` (None: nothing to show) as out/name.<format> for each format."""
+    if fig is None:
+        return []
+    paths = [out / f"{name}.{fmt}" for fmt in formats]
     for path in paths:
         fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
