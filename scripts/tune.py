@@ -135,7 +135,8 @@ def best_table(p: SimpleNamespace, bests: list[dict]) -> str:
     head = (f"Tuning: {p.trials} optuna trials per optimiser on seed {p.tuning_seed}, objective {objective} "
             f"({tuning.direction(p.tune)}d); evaluation seeds {','.join(map(str, p.seeds))}; problem: "
             f"{' '.join(p.overrides) or 'the defaults'}.\n\n")
-    return head + markdown_table(["optimizer", "trials", "best tuning value", "best configuration"], rows)
+    headers = ["optimizer", "trials", "best tuning value", "best configuration"]
+    return head + markdown_table(headers, rows, align=["---", "---:", "---:", "---"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         table = best_table(p, bests)
         (p.out / "best_configs.md").write_text(table, encoding="utf-8")
         write_csv(p.out / "trials.csv", trials(p))
-        report = build_report([p.out / "eval"], by=["optimizer"], targets=p.targets, out=p.out / "report")
+        report = build_report([p.out / "eval" / o for o in p.optimizers], by=["optimizer"], targets=p.targets,
+                              out=p.out / "report")
     except (TuneError, ReportError, ValueError, OSError) as exc:
         print(f"curvlab tune: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -105,11 +105,12 @@ def _target_cell(g: dict[str, Any], name: str, fmt: str) -> str:
     return text if reached == runs else f"{text} ({reached}/{runs} reached)"
 
 
-def markdown_table(headers: list[str], rows: Iterable[list[Any]]) -> str:
+def markdown_table(headers: list[str], rows: Iterable[list[Any]], align: list[str] | None = None) -> str:
+    """A Markdown table; `align` holds one "---" (left) or "---:" (right) per column (default: first left)."""
     def line(cells: list[Any]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    align = ["---"] + ["---:"] * (len(headers) - 1)
+    align = align or ["---"] + ["---:"] * (len(headers) - 1)
     return "\n".join([line(headers), line(align), *(line(r) for r in rows)]) + "\n"
 
 
