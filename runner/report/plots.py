@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, and none is opened
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from runner.report.aggregate import band, curve  # noqa: E402
 from runner.report.load import Run  # noqa: E402
@@ -67,7 +68,7 @@ def plot_curves(groups: dict[str, list[Run]], x: str):
             _draw(ax, runs, key, column, color, label)
         ax.set(title=title, xlabel=xlabel)
         if "loss" in key and _all_positive(groups, key):
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.grid(alpha=0.3)
     _legend(fig, axes[0], groups)
     return fig
@@ -85,7 +86,7 @@ def plot_diagnostics(groups: dict[str, list[Run]]):
             _draw(ax, runs, key, "step", color, label)
         ax.set(title=title, xlabel="optimiser steps")
         if log and _all_positive(groups, key):
-            ax.set_yscale("log")
+            _log_y(ax)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
@@ -141,6 +142,13 @@ def _all_positive(groups: dict[str, list[Run]], key: str) -> bool:
     return bool(values) and min(values) > 0
 
 
+def _log_y(ax) -> None:
+    ax.set_yscale("log")
+    low, high = ax.get_ylim()
+    if math.floor(math.log10(high)) - math.ceil(math.log10(low)) >= 1:  # two decades or more in view
+        ax.yaxis.set_minor_formatter(NullFormatter())  # then label the decades only
+
+
 def _colors():
     while True:
         yield from COLORS
@@ -159,7 +167,7 @@ def _legend(fig, axes, groups: dict[str, list[Run]]) -> None:
         return
     ncol = min(4, len(labels))
     fig.legend([seen[label] for label in labels], labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    legend_inches = 0.2 + 0.2 * math.ceil(len(labels) / ncol)
+    legend_inches = 0.05 + 0.2 * math.ceil(len(labels) / ncol)
     fig.tight_layout(rect=(0, legend_inches / fig.get_figheight(), 1, 1))
 
 
