@@ -50,7 +50,8 @@ def direction(tune: Any) -> str:
 def check(tune: Any, sweeper: Any = None) -> None:
     """Refuse bad tune.* values, and a sweeper direction that does not match them, with one paragraph."""
     if tune.objective not in OBJECTIVES:
-        raise ValueError(f"tune.objective={tune.objective} is not an objective. Choose one of: {', '.join(OBJECTIVES)}.")
+        raise ValueError(
+            f"tune.objective={tune.objective} is not an objective. Choose one of: {', '.join(OBJECTIVES)}.")
     if tune.mode not in MODES:
         raise ValueError(f"tune.mode={tune.mode} is not a mode. Choose one of: {', '.join(MODES)}.")
     if not tune.metric:

@@ -71,7 +71,8 @@ def plan(args: argparse.Namespace) -> SimpleNamespace:
     try:
         seeds = [int(s) for s in args.eval_seeds.split(",") if s.strip()]
     except ValueError:
-        raise TuneError(f"--eval-seeds {args.eval_seeds} must be comma-separated integers, e.g. 1000,1001,1002.") from None
+        raise TuneError(
+            f"--eval-seeds {args.eval_seeds} must be comma-separated integers, e.g. 1000,1001,1002.") from None
     if not seeds or args.tuning_seed in seeds:
         raise TuneError(f"--eval-seeds {args.eval_seeds} must be non-empty and must not contain the tuning seed "
                         f"{args.tuning_seed}: the comparison runs on seeds the tuning never saw.")

@@ -226,7 +226,8 @@ def test_every_figure_exists_as_a_valid_png_and_pdf(report):
 def test_cli_prints_the_table_and_exits_0(folders, tmp_path):
     out = tmp_path / "cli"
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "report.py"), str(folders["sweep"]),
-                             "--target", "eval/accuracy=0.5", "--x", "step,time", "--formats", "png", "--out", str(out)],
+                             "--target", "eval/accuracy=0.5", "--x", "step,time", "--formats", "png",
+                             "--out", str(out)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "| optimizer | runs |" in result.stdout and "| hf | 2 ok |" in result.stdout

@@ -16,8 +16,10 @@ import numpy as np
 
 from runner.report.load import Run, is_missing
 
-_NOT_CONFIG = {"seed", "data_root", "dataset.root", "threads", "device", "logger", "trainer.progress", "trainer.log_every",
-               "trainer.eval_batch_size", "trainer.num_workers", "trainer.checkpoint"}
+_NOT_CONFIG = {  # run-time settings that do not change the results
+    "seed", "data_root", "dataset.root", "threads", "device", "logger", "trainer.progress", "trainer.log_every",
+    "trainer.eval_batch_size", "trainer.num_workers", "trainer.checkpoint", "tune",
+}
 
 
 def group_label(run: Run, by: list[str]) -> str:

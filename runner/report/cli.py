@@ -92,7 +92,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--by", default="optimizer",
                         help="comma-separated config keys to group runs by (default: optimizer, its Hydra choice)")
     parser.add_argument("--target", action="append", default=[], metavar="METRIC=VALUE",
-                        help="steps and wall-clock to reach it, e.g. eval/accuracy=0.98 or train/loss=0.05 (repeatable)")
+                        help="steps and wall-clock to reach it, e.g. eval/accuracy=0.98 or train/loss=0.05 "
+                             "(repeatable)")
     parser.add_argument("--out", default=None, help="output folder (default: <first folder>/report)")
     parser.add_argument("--x", default=",".join(X_AXES), help=f"x axes of the curves (default: {','.join(X_AXES)})")
     parser.add_argument("--formats", default=",".join(FORMATS),

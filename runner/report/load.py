@@ -106,7 +106,8 @@ def find_runs(paths: list[str | Path]) -> list[Run]:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and ((path / "metrics.jsonl").is_file() or (path / "summary.json").is_file())
+    has_results = (path / "metrics.jsonl").is_file() or (path / "summary.json").is_file()
+    return (path / "config.yaml").is_file() and has_results
 
 
 def _run_dirs(path: Path) -> list[Path]:
@@ -127,7 +128,8 @@ def _natural(path: Path) -> tuple:
 def load_run(path: Path) -> Run:
     notes: list[str] = []
     config = _read_yaml(path / "config.yaml", notes) or {}
-    hydra_record = _read_yaml(path / ".hydra" / "hydra.yaml", notes) if (path / ".hydra" / "hydra.yaml").is_file() else None
+    record = path / ".hydra" / "hydra.yaml"
+    hydra_record = _read_yaml(record, notes) if record.is_file() else None
     choices = ((hydra_record or {}).get("hydra", {}).get("runtime", {}) or {}).get("choices", {}) or {}
     summary = None
     if (path / "summary.json").is_file():

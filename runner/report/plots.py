@@ -32,7 +32,8 @@ X_AXES = {  # --x name -> (metrics.jsonl column, axis label)
 CURVES = [("loss", "batch loss (train)"), ("train/loss", "train loss"), ("eval/loss", "test loss"),
           ("eval/accuracy", "test accuracy")]
 DIAGNOSTICS = [  # (column, title, log scale)
-    ("cg/iters", "CG iterations", False), ("damping", "damping λ", True), ("reduction_ratio", "reduction ratio ρ", False),
+    ("cg/iters", "CG iterations", False), ("damping", "damping λ", True),
+    ("reduction_ratio", "reduction ratio ρ", False),
     ("rho", "CurveBall ρ (momentum)", False), ("beta", "CurveBall β (step)", True),
     ("line_search/rate", "line-search rate", True), ("step_size", "step size", True),
     ("lbfgs/evals", "L-BFGS function evaluations", False), ("loss_evals", "loss evaluations", False),
