@@ -274,3 +274,11 @@ def test_side_by_side_table_puts_paper_values_next_to_ours(report):
     hf = next(g for g in report.groups if g["group"] == "hf")
     assert f"| hf | {hf['best_test_accuracy mean']:.4g} | 0.9854 |" in lines
     assert "| sgd | " in table and "| curveball | — | 0.98 |" in lines
+
+
+def test_runs_without_a_hydra_record_are_grouped_by_their_config_file(folders, tmp_path):
+    for optimizer in ("sgd", "hf"):
+        copy = shutil.copytree(sweep_runs(folders, optimizer)[0], tmp_path / "runs" / optimizer)
+        shutil.rmtree(copy / ".hydra")  # e.g. a run made by runner.train.train(cfg, output_dir) in Python
+    report = build_report([tmp_path / "runs"], out=tmp_path / "r", formats=[])
+    assert [g["group"] for g in report.groups] == ["hf", "sgd"]  # conf/optimizer/hf.yaml, not "hessianfree"

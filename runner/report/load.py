@@ -26,6 +26,7 @@ import yaml
 STATUSES = ("ok", "diverged", "interrupted", "error")
 GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "search")  # Hydra config groups
 _SKIP_DIRS = {"wandb", ".submitit", ".hydra", "__pycache__", ".git"}
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 class ReportError(ValueError):
@@ -44,14 +45,14 @@ class Run:
     notes: list[str] = field(default_factory=list)  # what was odd about the files (skipped lines, ...)
 
     def get(self, key: str) -> Any:
-        """A config value by dotted key; a config-group name (`optimizer`) gives the Hydra choice (`hf`), or the
-        `_target_` class name in lower case when the run has no `.hydra/` record."""
+        """A config value by dotted key; a config-group name (`optimizer`) gives the Hydra choice (`hf`), or, when
+        the run has no `.hydra/` record, the conf/ file its config matches (`choice_for`)."""
         if key in GROUPS:
             if key in self.choices and self.choices[key] is not None:
                 return self.choices[key]
             node = self.config.get(key)
             if isinstance(node, dict) and "_target_" in node:
-                return str(node["_target_"]).rsplit(".", 1)[-1].lower()
+                return choice_for(key, node)
         node: Any = self.config
         for part in key.split("."):
             if isinstance(node, dict) and part in node:
@@ -65,6 +66,24 @@ class Run:
     @property
     def seed(self) -> Any:
         return self.config.get("seed")
+
+
+def choice_for(group: str, node: dict[str, Any]) -> str:
+    """The conf/<group>/<choice>.yaml a config node most likely came from (for runs without a .hydra/ record):
+    among the files with the same `_target_`, the one agreeing with the node on the most keys (newton vs newton_cg:
+    `solver`); without one, the `_target_` class name in lower case."""
+    best, agreed = None, -1
+    for path in sorted((CONF_DIR / group).glob("*.yaml")):
+        try:
+            candidate = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, OSError):
+            continue
+        if not isinstance(candidate, dict) or candidate.get("_target_") != node["_target_"]:
+            continue
+        score = sum(node.get(k) == v for k, v in candidate.items())
+        if score > agreed:
+            best, agreed = path.stem, score
+    return best or str(node["_target_"]).rsplit(".", 1)[-1].lower()
 
 
 class _Missing:
