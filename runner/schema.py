@@ -55,6 +55,14 @@ class LoggerConfig:
 
 
 @dataclass
+class TuneConfig:  # what run.py returns to a sweeper such as hydra/sweeper=optuna (runner/tuning.py)
+    metric: str = "eval/accuracy"  # a column of metrics.jsonl
+    objective: str = "best"  # best | final | steps_to_target | time_to_target
+    mode: str = "auto"  # auto | max | min: which way the metric improves (auto: max for accuracies)
+    target: Optional[float] = None  # the value of `metric` to reach, for the *_to_target objectives
+
+
+@dataclass
 class CurvlabConfig:
     dataset: Any = None
     model: Any = None
@@ -67,6 +75,7 @@ class CurvlabConfig:
     dtype: str = "float32"  # float32 | float64
     threads: Optional[int] = None  # torch's CPU threads; null = torch's default (one per core)
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 def cache_dir(*parts: str) -> str:
