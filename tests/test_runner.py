@@ -266,7 +266,7 @@ def test_composition_errors_name_the_key_and_the_choices():
     message = composition_error("trainer.max_epoch=1")
     assert "'trainer.max_epoch' is not a config key" in message and "max_epochs, max_steps" in message
     message = composition_error("optimizer.lrr=1")
-    assert "Valid keys under optimizer: lr, momentum" in message and "+optimizer.lrr" in message
+    assert "Valid keys under optimizer: dampening, gamma, lr, milestones, momentum" in message and "+optimizer.lrr" in message
     message = composition_error("trainer.max_epochs=abc")
     assert "trainer.max_epochs" in message and "could not be converted to Integer" in message
 

@@ -24,7 +24,6 @@ from runner.schema import TuneConfig, register_configs
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "search").glob("*.yaml"))
-NEEDS_RESHAPE = {"curveball"}  # optimizer.damping is CurveBall's lambda0 until the library reshape renames it
 
 
 def start(script: str, *args: str, cwd: Path) -> subprocess.Popen:
@@ -174,10 +173,7 @@ def compose_search(*overrides: str):
         return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
-@pytest.mark.parametrize("preset", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=False, reason="needs the library reshape")) if p in NEEDS_RESHAPE
-    else p for p in PRESETS
-])
+@pytest.mark.parametrize("preset", PRESETS)
 def test_every_search_space_is_valid_for_its_optimizer_at_both_ends(preset):
     cfg = compose_search(f"search={preset}")
     assert cfg.hydra.runtime.choices["optimizer"] == preset
