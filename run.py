@@ -65,6 +65,9 @@ if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach the handler below instead of Hydra's printer
     try:
         main()
+    except sweep.FolderRefused as exc:
+        print(f"curvlab: error: {exc}", file=sys.stderr)
+        _fail(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("curvlab: stopped at once by a second SIGINT; the last checkpoint is intact.", file=sys.stderr)
         _fail(EXIT_KILLED)

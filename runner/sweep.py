@@ -30,16 +30,27 @@ STATUS_CODES = {"ok": 0, "diverged": 3, "interrupted": 4}
 started: dict[str, Path] = {}  # "sweep" -> the sweep folder of the multirun this process launched
 
 
+class FolderRefused(BaseException):
+    """Raised from a callback to stop Hydra before it writes into a folder holding results (run.py: exit 2). A
+    BaseException, because Hydra turns a callback's ordinary exceptions into warnings."""
+
+
 class SweepReport(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_folder(Path(str(config.hydra.run.dir)), OmegaConf.select(config, "trainer.resume"))
+        _check(Path(str(config.hydra.run.dir)).absolute(), config)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         sweep = Path(str(config.hydra.sweep.dir)).absolute()
-        resume = OmegaConf.select(config, "trainer.resume")
         for job in job_folders(sweep):
-            check_folder(job, resume)
+            _check(job, config)
         started["sweep"] = sweep
+
+
+def _check(folder: Path, config: DictConfig) -> None:
+    try:
+        check_folder(folder, OmegaConf.select(config, "trainer.resume"))
+    except ValueError as exc:
+        raise FolderRefused(str(exc)) from None
 
 
 def job_folders(sweep: Path) -> list[Path]:
