@@ -21,7 +21,10 @@ from runner.schema import register_configs
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = REPO / "conf"
 CPU = ["device=cpu", "threads=1", "trainer.progress=false"]  # every run here: one CPU thread, no progress bar
-TIMES = ("wall_time", "step_time")  # the only columns that differ between two runs of the same config
+
+def is_time(key: str) -> bool:
+    """Wall-clock columns (wall_time, step_time, curv/product_time, ...): the only ones two runs of a config differ in."""
+    return key.endswith("time")
 
 
 def env(**extra: str) -> dict[str, str]:
@@ -65,7 +68,7 @@ def make_config(*overrides: str) -> DictConfig:
 
 
 def without_times(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in row.items() if k not in TIMES} for row in rows]
+    return [{k: v for k, v in row.items() if not is_time(k)} for row in rows]
 
 
 def metrics(folder: Path) -> list[dict[str, Any]]:
