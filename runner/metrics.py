@@ -53,7 +53,10 @@ class JSONLSink:
             while written < len(line):  # os.write may write less than asked; the line is complete or cut off
                 written += os.write(self._fd, line[written:])
         except OSError as exc:
-            os.ftruncate(self._fd, self._size)  # drop the partial line: the file ends with a complete row again
+            try:
+                os.ftruncate(self._fd, self._size)  # drop the partial line: the file ends with a complete row again
+            except OSError:
+                pass  # not a regular file (e.g. /dev/full): nothing to cut back
             raise _disk_full(exc, self.path) from exc
         self._size += len(line)
         self.rows += 1

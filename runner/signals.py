@@ -19,6 +19,7 @@ Handlers can only be installed from the main thread; elsewhere `StopSignals` doe
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from types import FrameType
 from typing import Any
@@ -59,7 +60,11 @@ class StopSignals:
         previous = self._previous.get(self.signum) if self.signum is not None else None
         if not _submitit_handler(previous):
             return False
-        previous(self.signum, None)
+        try:
+            previous(self.signum, None)  # checkpoint() of the launcher, then requeue and exit the process
+        except Exception as exc:  # noqa: BLE001 -- submitit's UncompletedJobError: e.g. timed out too many times
+            print(f"curvlab: submitit did not requeue the job: {exc}", file=sys.stderr)
+            return False
         return True
 
 

@@ -33,7 +33,7 @@ from optimizers.losses import get_loss
 from optimizers.objective import Objective
 from runner.checkpoint import CheckpointSchedule, save_checkpoint
 from runner.device import resolve_device, resolve_dtype, synchronize
-from runner.distributed import any_rank, init_distributed, rank
+from runner.distributed import any_rank, close_distributed, init_distributed, rank
 from runner.errors import exit_code_for
 from runner.evaluate import evaluate
 from runner.metadata import write_config, write_run_info, write_summary
@@ -67,6 +67,16 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     cfg = copy.deepcopy(cfg)
     cfg.data_root = os.path.normpath(hydra.utils.to_absolute_path(cfg.data_root))  # relative to the launch folder
     init_distributed()
+    try:
+        result, signals = _train(cfg, output_dir)
+    finally:
+        close_distributed()
+    if result.status == "interrupted":
+        signals.hand_over()  # under submitit: its handler requeues the job (and exits)
+    return result
+
+
+def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[RunResult, StopSignals]:
     out = _output_dir(output_dir)
     resume = plan_resume(cfg, out)
     writer = rank() == 0  # only rank 0 writes files
@@ -90,9 +100,7 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
             raise
         finally:
             torch.set_num_threads(threads)  # train() may be called again in the same process
-    if result.status == "interrupted":
-        signals.hand_over()  # under submitit: its handler requeues the job (and exits)
-    return result
+    return result, signals
 
 
 def _finish(cfg: DictConfig, run: _Run) -> RunResult:

@@ -36,9 +36,12 @@ def env(**extra: str) -> dict[str, str]:
 
 
 def start(args: list[str], cwd: Path, extra_env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
-    """`python run.py *args` in `cwd`, with pipes for stdout and stderr."""
-    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *CPU, *args], cwd=cwd, env=env(**(extra_env or {})),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    """`python run.py *args` in `cwd` (flags such as -m first), with pipes for stdout and stderr."""
+    flags = [arg for arg in args if arg.startswith("-")]
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    return subprocess.Popen([sys.executable, str(REPO / "run.py"), *flags, *CPU, *overrides], cwd=cwd,
+                            env=env(**(extra_env or {})), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **popen)
 
 
 def count_rows(path: Path) -> int:

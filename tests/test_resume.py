@@ -249,6 +249,8 @@ def test_a_resume_with_another_config_is_refused_naming_the_keys(interrupted, tm
 
 
 def test_resume_needs_a_checkpoint_and_a_fresh_folder(interrupted, tmp_path):
+    with pytest.raises(ValueError, match=r"trainer.resume=\[1\] must be true, false, null or the folder of the run"):
+        train(make_config(*SMALL, "trainer.max_steps=3", "trainer.resume=[1]"), tmp_path / "bad")
     with pytest.raises(ValueError, match=r"trainer.resume=true: .* holds no checkpoint .*trainer.resume=/path/to/run"):
         train(make_config(*SMALL, "trainer.max_steps=3", "trainer.resume=true"), tmp_path / "fresh")
     train(make_config(*SMALL, "trainer.max_steps=3"), tmp_path / "done")

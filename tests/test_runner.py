@@ -230,6 +230,8 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["trainer.batching=bogus"], ValueError, r"trainer.batching='bogus'.*shuffle, fixed, full"),
         (["trainer.max_epochs=null"], ValueError, r"trainer.max_epochs=N"),
         (["trainer.log_every=0"], ValueError, r"trainer.log_every=0 must be a positive integer"),
+        (["trainer.checkpoint_every=0"], ValueError, r"trainer.checkpoint_every=0 must be a positive integer"),
+        (["trainer.checkpoint_every_minutes=0"], ValueError, r"trainer.checkpoint_every_minutes=0.0 must be a positive"),
         (["+objective.damping=1"], ValueError, r"objective.damping.*ggn_backend"),
         (["model=simple_cnn"], ValueError, r"simple_cnn.*\(1, 28, 28\)"),  # digits are 8x8
         (["+model.width=3"], TypeError, r"model: models.mlp.build_mlp rejected its arguments.*width"),
