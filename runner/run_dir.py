@@ -45,7 +45,9 @@ def unique_dir(path: str) -> str:
         return _chosen[path]
     rank, world = launch_rank()
     store = _torchrun_store() if world > 1 else None
-    key = f"curvlab/unique_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{path}"
+    # Not keyed by `path`: its ${now:...} part differs between ranks that started in different seconds. Every rank
+    # asks for the same folders in the same order, so the n-th request of each rank means the same folder.
+    key = f"curvlab/unique_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{len(_chosen)}"
     if store is not None and rank != 0:
         folder = store.get(key).decode()  # waits for rank 0
     else:
