@@ -29,7 +29,6 @@ from runner import sweep
 register_configs()
 register_resolvers()
 _outcome = {"exit_code": EXIT_OK}
-STATUS_CODES = sweep.STATUS_CODES
 
 
 def _fail(code: int) -> None:
@@ -47,18 +46,18 @@ def main(cfg: DictConfig) -> int:
         _report_error(exc, code)
         _fail(code)
         return code
-    _fail(STATUS_CODES[result.status])
-    return STATUS_CODES[result.status]
+    _fail(sweep.STATUS_CODES[result.status])
+    return sweep.STATUS_CODES[result.status]
 
 
-def _report_error(exc: BaseException, code: int, during_job: bool = True) -> None:
+def _report_error(exc: BaseException, code: int) -> None:
     """One paragraph on stderr for known errors; the traceback for bugs (and with CURVLAB_DEBUG=1)."""
     if code == 1 or debug_enabled():
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     if is_disk_full(exc):
         print(f"curvlab: error: {describe_disk_full(exc)}", file=sys.stderr)
     elif code != 1:
-        print(f"curvlab: error: {describe_user_error(exc, during_job=during_job)}", file=sys.stderr)
+        print(f"curvlab: error: {describe_user_error(exc)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
@@ -69,7 +68,8 @@ if __name__ == "__main__":
         print(f"curvlab: error: {exc}", file=sys.stderr)
         _fail(EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        print("curvlab: stopped at once by a second SIGINT; the last checkpoint is intact.", file=sys.stderr)
+        print("curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact).",
+              file=sys.stderr)
         _fail(EXIT_KILLED)
     except Exception as exc:
         message = describe_user_error(exc, during_job=False)

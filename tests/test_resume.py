@@ -185,7 +185,7 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
     assert [line for line in stderr.splitlines() if line.startswith("curvlab:")] == [
-        "curvlab: stopped at once by a second SIGINT; the last checkpoint is intact."]
+        "curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact)."]
     assert "Traceback" not in stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["exit_code"] == 130
