@@ -36,18 +36,26 @@ def _fail(code: int) -> None:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> int:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the tuning objective (cfg.tune, runner/tuning.py) for sweepers such as optuna (None: failed or
+    interrupted)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from runner import tuning
     from runner.train import train  # imported here: config errors are reported without loading torch
 
     try:
+        tuning.check(cfg.tune, HydraConfig.get().sweeper)
         result = train(cfg)
     except Exception as exc:  # every job of a sweep runs, whatever another one raised
         code = exit_code_for(exc)
         _report_error(exc, code)
         _fail(code)
-        return code
+        return None
     _fail(sweep.STATUS_CODES[result.status])
-    return sweep.STATUS_CODES[result.status]
+    if result.status == "interrupted":
+        return None
+    return tuning.objective_value(cfg.tune, result.output_dir, result.status)
 
 
 def _report_error(exc: BaseException, code: int) -> None:
