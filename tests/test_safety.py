@@ -273,6 +273,29 @@ def test_a_two_task_submitit_job_trains_on_two_gloo_ranks_and_rank_0_writes(tmp_
     assert len(list((tmp_path / "sweep").glob(".submitit/*/*_1_log.out"))) == 1  # rank 1 ran, and wrote no files
 
 
+def test_the_slurm_preset_makes_one_task_per_gpu_and_asks_for_the_preemption_signal(tmp_path):
+    """conf/hydra/launcher/slurm.yaml, turned into sbatch options the way hydra-submitit-launcher does it, and written
+    by submitit's own sbatch writer (no SLURM needed)."""
+    from hydra import compose, initialize_config_dir
+    from submitit.slurm.slurm import SlurmExecutor, _make_sbatch_string
+
+    make_config()  # registers the schema and the resolvers
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2",
+                                           "hydra.launcher.tasks_per_node=8", "hydra.launcher.partition=gpu",
+                                           "hydra.launcher.account=proj"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("submitit_launcher.SlurmLauncher") and launcher.max_num_timeout == 3
+    generic = SlurmExecutor._equivalence_dict()
+    keys = ("nodes", "tasks_per_node", "gpus_per_node", "cpus_per_task", "timeout_min", "signal_delay_s", "partition",
+            "account")
+    params = {generic.get(key, key): launcher[key] for key in keys}
+    script = _make_sbatch_string(command="python -u -m submitit.core._submit x", folder=tmp_path, **params)
+    for line in ("--nodes=2", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=8", "--time=240",
+                 "--signal=USR2@120", "--partition=gpu", "--account=proj"):
+        assert f"#SBATCH {line}\n" in script, line
+
+
 def _task_pids(marker: str) -> list[int]:
     """The processes running submitit tasks whose command line mentions `marker`."""
     pids = []
