@@ -68,7 +68,8 @@ def check_labels(dataset: str, path: str, labels: Any, classes: int) -> None:
     bad = np.flatnonzero((labels < 0) | (labels >= classes))
     if bad.size:
         raise corrupt_file_error(dataset, path, f"label {int(labels[bad[0]])} at index {int(bad[0])} is outside "
-                                                f"0..{classes - 1} ({bad.size:,} of {labels.size:,} labels out of range)")
+                                                f"0..{classes - 1} ({bad.size:,} of {labels.size:,} labels out of "
+                                                f"range)")
 
 
 def find_bad_cifar_file(dataset: str, folder: str, files: list[str], classes: int) -> None:

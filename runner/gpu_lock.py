@@ -25,7 +25,8 @@ _held: list[IO[bytes]] = []  # the open lock files: kept for the life of the pro
 
 
 def lock_folder() -> Path:
-    folder = os.environ.get("CURVLAB_GPU_LOCKS") or os.path.join(tempfile.gettempdir(), f"curvlab-gpu-locks-{os.getuid()}")
+    default = os.path.join(tempfile.gettempdir(), f"curvlab-gpu-locks-{os.getuid()}")
+    folder = os.environ.get("CURVLAB_GPU_LOCKS") or default
     return Path(folder)
 
 

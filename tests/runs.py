@@ -23,7 +23,7 @@ CONF_DIR = REPO / "conf"
 CPU = ["device=cpu", "threads=1", "trainer.progress=false"]  # every run here: one CPU thread, no progress bar
 
 def is_time(key: str) -> bool:
-    """Wall-clock columns (wall_time, step_time, curv/product_time, ...): the only ones two runs of a config differ in."""
+    """Wall-clock columns (wall_time, step_time, curv/product_time, ...): what two runs of one config differ in."""
     return key.endswith("time")
 
 

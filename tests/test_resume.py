@@ -153,7 +153,8 @@ def test_kill_9_during_checkpoint_writes_always_leaves_a_loadable_checkpoint(tmp
     """A checkpoint every step, each write slowed down inside (CURVLAB_TEST_SLOW_CHECKPOINT), and kill -9 at random
     moments, three times: the folder always holds a loadable checkpoint, the run resumes from it, and the final
     metrics equal an uninterrupted run's."""
-    args = [*SMALL, "optimizer=hf", "trainer.max_steps=60", "trainer.checkpoint_every=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    args = [*SMALL, "optimizer=hf", "trainer.max_steps=60", "trainer.checkpoint_every=1",
+            f"hydra.run.dir={tmp_path / 'run'}"]
     slow = {"CURVLAB_TEST_SLOW_CHECKPOINT": "0.05"}
     rng = random.Random(9)
     for attempt in range(3):
@@ -220,7 +221,8 @@ def test_a_handler_the_user_installed_is_kept_and_still_called(tmp_path):
         assert signal.getsignal(signal.SIGUSR1) is user_handler  # and installed again after the run
     finally:
         signal.signal(signal.SIGUSR1, previous)
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_wandb_offline_resume_starts_a_new_run_in_the_same_group(tmp_path, capsys):

@@ -232,7 +232,8 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["trainer.max_epochs=null"], ValueError, r"trainer.max_epochs=N"),
         (["trainer.log_every=0"], ValueError, r"trainer.log_every=0 must be a positive integer"),
         (["trainer.checkpoint_every=0"], ValueError, r"trainer.checkpoint_every=0 must be a positive integer"),
-        (["trainer.checkpoint_every_minutes=0"], ValueError, r"trainer.checkpoint_every_minutes=0.0 must be a positive"),
+        (["trainer.checkpoint_every_minutes=0"], ValueError,
+         r"trainer.checkpoint_every_minutes=0.0 must be a positive"),
         (["+objective.damping=1"], ValueError, r"objective.damping.*ggn_backend"),
         (["objective.curvature_batch_size=abc"], ValueError, r"^objective.curvature_batch_size=abc must be an"),
         (["model=simple_cnn"], ValueError, r"simple_cnn.*\(1, 28, 28\)"),  # digits are 8x8
