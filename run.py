@@ -59,13 +59,20 @@ def main(cfg: DictConfig) -> float | None:
 
 
 def _report_error(exc: BaseException, code: int) -> None:
-    """One paragraph on stderr for known errors; the traceback for bugs (and with CURVLAB_DEBUG=1)."""
+    """One paragraph on stderr for known errors; the traceback for bugs (and with CURVLAB_DEBUG=1). In a
+    data-parallel run the paragraph names the rank (a bug's too, after its traceback)."""
+    from runner.distributed import launch_rank
+
+    rank, world = launch_rank()
+    who = f"rank {rank} of {world}: " if world > 1 else ""
     if code == 1 or debug_enabled():
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     if is_disk_full(exc):
-        print(f"curvlab: error: {describe_disk_full(exc)}", file=sys.stderr)
+        print(f"curvlab: {who}error: {describe_disk_full(exc)}", file=sys.stderr)
     elif code != 1:
-        print(f"curvlab: error: {describe_user_error(exc)}", file=sys.stderr)
+        print(f"curvlab: {who}error: {describe_user_error(exc)}", file=sys.stderr)
+    elif who:
+        print(f"curvlab: {who}failed with {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ Modes (the ``trainer.batching`` config key):
 
 A ``TensorPairDataset`` is moved to the device once, and batches are slices or ``index_select`` of the device tensors:
 no DataLoader and no host copies per step. Any other dataset goes through a ``DataLoader``.
+
+Data parallelism (``shard=(rank, world)``): every rank draws the same global order from the same seeded generator and
+keeps its part of each GLOBAL batch (``tensor_split``: sizes differ by at most one), so ``batch_size`` means the same
+on 1 or N ranks. ``global_batch`` is the size of the global batch last handed out (the Objective weights each
+rank's mean by its share of it). In-memory splits are held whole on every rank's device.
 """
 
 from __future__ import annotations
@@ -36,11 +41,14 @@ class Batches:
 
     num_samples: int
 
-    def __init__(self, num_samples: int, batch_size: int, mode: str, drop_last: bool, seed: int) -> None:
+    def __init__(self, num_samples: int, batch_size: int, mode: str, drop_last: bool, seed: int,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.mode = mode
         self.drop_last = drop_last
+        self.rank, self.world = shard
+        self.global_batch = 0  # the size of the global batch last handed out
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # batches handed out in the current epoch
         self._epoch_start: Tensor | None = None  # the generator's state when the current epoch began
@@ -62,6 +70,16 @@ class Batches:
     def _epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of one epoch from batch number ``start`` on (drawing this epoch's order first)."""
         raise NotImplementedError
+
+    def _global_batches(self, order: Tensor | None, start: int) -> Iterator[Tensor | slice]:
+        """This rank's part of each global batch of the epoch, from batch ``start`` on: indices into ``order``'s
+        permutation, or a slice of the stored order when ``order`` is None."""
+        b = self.batch_size
+        for first in range(start * b, len(self) * b, b):
+            size = min(b, self.num_samples - first)
+            self.global_batch = size
+            low, high = shard_bounds(size, self.rank, self.world)
+            yield slice(first + low, first + high) if order is None else order[first + low:first + high]
 
     def state_dict(self) -> dict[str, Any]:
         """The batch order's position: the generator's state at the epoch start and the batches used since."""
@@ -87,8 +105,9 @@ class TensorBatches(Batches):
         dtype: torch.dtype,
         seed: int,
         drop_last: bool,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        super().__init__(len(dataset), batch_size, mode, drop_last, seed)
+        super().__init__(len(dataset), batch_size, mode, drop_last, seed, shard)
         data = dataset.to(device, dtype)
         self.inputs, self.targets = data.inputs, data.targets
         if mode == "fixed":
@@ -97,25 +116,24 @@ class TensorBatches(Batches):
             self.inputs, self.targets = self.inputs[order], self.targets[order]
 
     def _epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
-        b = self.batch_size
         if self.mode == "shuffle":
             order = torch.randperm(self.num_samples, generator=self.generator).to(self.inputs.device)
-            for first in range(start * b, len(self) * b, b):
-                index = order[first : first + b]
+            for index in self._global_batches(order, start):
                 yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
         else:
-            for first in range(start * b, len(self) * b, b):
-                yield self.inputs[first : first + b], self.targets[first : first + b]
+            for part in self._global_batches(None, start):
+                yield self.inputs[part], self.targets[part]
 
 
 class _EpochOrder(Sampler):
-    """The sample indices of the rest of the current epoch (set by ``LoaderBatches`` before each epoch). The
-    DataLoader iterates its sampler in the main process, so this works with persistent workers too."""
+    """This rank's index lists, one per global batch, for the rest of the current epoch (set by ``LoaderBatches``
+    before each epoch; the DataLoader's ``batch_sampler``). The DataLoader iterates it in the main process, so this
+    works with persistent workers too."""
 
     def __init__(self) -> None:
-        self.indices: list[int] = []
+        self.indices: list[list[int]] = []
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[list[int]]:
         return iter(self.indices)
 
     def __len__(self) -> int:
@@ -141,8 +159,9 @@ class LoaderBatches(Batches):
         seed: int,
         drop_last: bool,
         num_workers: int,
+        shard: tuple[int, int] = (0, 1),
     ) -> None:
-        super().__init__(len(dataset), batch_size, mode, drop_last, seed)
+        super().__init__(len(dataset), batch_size, mode, drop_last, seed, shard)
         self.device = torch.device(device)
         self.dtype = dtype
         self.fixed_order = torch.randperm(self.num_samples, generator=self.generator) if mode == "fixed" else None
@@ -151,9 +170,7 @@ class LoaderBatches(Batches):
         self._workers_start = self.worker_seeds.get_state()
         self.loader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            sampler=self._order,
-            drop_last=drop_last,
+            batch_sampler=self._order,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
@@ -165,9 +182,12 @@ class LoaderBatches(Batches):
             order = torch.randperm(self.num_samples, generator=self.generator)
         else:
             order = self.fixed_order if self.fixed_order is not None else torch.arange(self.num_samples)
-        self._order.indices = order[start * self.batch_size :].tolist()
+        parts = list(self._global_batches(order, start))
+        sizes = [(min(self.batch_size, self.num_samples - i * self.batch_size)) for i in range(start, len(self))]
+        self._order.indices = [p.tolist() for p in parts]
         self._workers_start = self.worker_seeds.get_state()  # the DataLoader draws this epoch's worker seed from it
-        for inputs, targets in self.loader:
+        for size, (inputs, targets) in zip(sizes, self.loader):
+            self.global_batch = size
             targets_dtype = self.dtype if targets.is_floating_point() else torch.long
             yield (
                 inputs.to(self.device, self.dtype, non_blocking=True),
@@ -195,6 +215,7 @@ def make_batches(
     seed: int = 0,
     drop_last: bool = False,
     num_workers: int = 0,
+    shard: tuple[int, int] = (0, 1),
 ) -> Batches:
     """Epochs of ``(inputs, targets)`` on ``device``: inputs in ``dtype``, labels ``torch.long``.
 
@@ -214,6 +235,19 @@ def make_batches(
             f"batch_size={batch_size} with drop_last=true leaves no batch from a split of {num_samples} samples; "
             f"lower the batch size or set drop_last=false."
         )
+    last = num_samples % batch_size if not drop_last else 0
+    if mode != "sequential" and (batch_size < shard[1] or 0 < last < shard[1]):
+        small = batch_size if batch_size < shard[1] else last
+        raise ValueError(f"trainer.batch_size={batch_size} is the global batch, shared by {shard[1]} ranks, but a batch "
+                         f"of {small} samples would leave a rank without data: choose another batch size or set "
+                         f"trainer.drop_last=true.")
     if isinstance(dataset, TensorPairDataset):
-        return TensorBatches(dataset, batch_size, mode, device, dtype, seed, drop_last)
-    return LoaderBatches(dataset, batch_size, mode, device, dtype, seed, drop_last, num_workers)
+        return TensorBatches(dataset, batch_size, mode, device, dtype, seed, drop_last, shard)
+    return LoaderBatches(dataset, batch_size, mode, device, dtype, seed, drop_last, num_workers, shard)
+
+
+def shard_bounds(size: int, rank: int, world: int) -> tuple[int, int]:
+    """[low, high) of rank's part of ``size`` items split as ``torch.tensor_split`` splits them."""
+    q, r = divmod(size, world)
+    low = rank * q + min(rank, r)
+    return low, low + q + (1 if rank < r else 0)

@@ -58,7 +58,7 @@ class TorchOptimizer(Optimizer):
         self.inner.zero_grad(set_to_none=True)
         loss = objective.backward()
         self.inner.step()
-        return {"loss": loss, "lr": lr}
+        return {"loss": loss, "lr": lr, **objective.stats()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "inner": self.inner.state_dict()}

@@ -338,9 +338,11 @@ class Objective:
 
     # ------------------------------------------------------------------ statistics and helpers
     def stats(self) -> dict[str, float]:
-        """Counts and wall time of the products taken on this batch (merged into an optimiser's step statistics)."""
+        """Counts and wall time of the products taken on this batch, and the all-reduces of a data-parallel run
+        (merged into an optimiser's step statistics)."""
         out = {f"curv/{k}_products": float(v) for k, v in self.product_count.items() if v}
-        out["curv/product_time"] = self._timer.total()
+        if out:
+            out["curv/product_time"] = self._timer.total()
         if self.comm["calls"]:
             out.update({"comm/all_reduces": float(self.comm["calls"]), "comm/bytes": float(self.comm["bytes"]),
                         "comm/time": self.comm["seconds"]})

@@ -106,3 +106,43 @@ def any_rank(*flags: bool) -> tuple[bool, ...]:
     values = torch.tensor([int(flag) for flag in flags], device=device)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return tuple(bool(v) for v in values.tolist())
+
+
+def broadcast_model(module: Any) -> None:
+    """Rank 0's parameters and buffers on every rank (one flat broadcast per dtype), so all ranks start equal."""
+    if world_size() == 1:
+        return
+    _flat_collective(list(module.parameters()) + list(module.buffers()), "broadcast")
+
+
+def average_buffers(module: Any) -> None:
+    """Average the floating-point buffers (batch-norm running statistics) across ranks in place: with per-rank batch
+    statistics each rank's running averages drift apart; averaging after every step keeps them identical on all
+    ranks (for evaluation and checkpoints) and deterministic (for resumes). Integer buffers (num_batches_tracked)
+    are equal on all ranks already."""
+    if world_size() == 1:
+        return
+    floating = [b for b in module.buffers() if b.is_floating_point()]
+    if floating:
+        _flat_collective(floating, "average")
+
+
+def _flat_collective(tensors: list[Any], kind: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    by_dtype: dict[Any, list[Any]] = {}
+    for t in tensors:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.detach().reshape(-1) for t in group])
+        if kind == "broadcast":
+            dist.broadcast(flat, src=0)
+        else:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat /= world_size()
+        offset = 0
+        with torch.no_grad():
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()

@@ -1,10 +1,15 @@
-"""Test-set evaluation: mean loss, and accuracy when the task is classification."""
+"""Test-set evaluation: mean loss, and accuracy when the task is classification.
+
+In a data-parallel run every rank evaluates its shard of each test batch and the totals (loss sum, correct
+predictions, samples) are summed across ranks in one all-reduce: exact totals, not a mean of means.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from optimizers.losses import Loss
@@ -20,22 +25,26 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
+    totals: Tensor | None = None  # [loss sum, correct, samples] in float64
     try:
-        loss_sum: Tensor | int = 0
-        correct: Tensor | int = 0
-        count = 0
         for inputs, targets in batches:
-            outputs = model(inputs)
             n = inputs.shape[0]
-            loss_sum = loss_sum + loss_fn(outputs, targets).double() * n
-            if classification:
-                correct = correct + (outputs.argmax(dim=1) == targets).sum()
-            count += n
+            if n == 0:  # a rank's empty share of a last, small test batch
+                continue
+            outputs = model(inputs)
+            correct = (outputs.argmax(dim=1) == targets).sum().double() if classification else outputs.new_zeros(())
+            batch = torch.stack([loss_fn(outputs, targets).double() * n, correct.double(),
+                                 torch.tensor(float(n), dtype=torch.float64, device=outputs.device)])
+            totals = batch if totals is None else totals + batch
     finally:
         model.train(was_training)
-    if count == 0:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        device = next(model.parameters()).device
+        totals = torch.zeros(3, dtype=torch.float64, device=device) if totals is None else totals
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    if totals is None or totals[2] == 0:
         raise ValueError("the test split is empty: there is nothing to evaluate on.")
-    metrics = {"eval/loss": loss_sum / count}
+    metrics = {"eval/loss": totals[0] / totals[2]}
     if classification:
-        metrics["eval/accuracy"] = correct.double() / count
+        metrics["eval/accuracy"] = totals[1] / totals[2]
     return metrics

@@ -33,7 +33,8 @@ from optimizers.losses import get_loss
 from optimizers.objective import Objective
 from runner.checkpoint import CheckpointSchedule, save_checkpoint
 from runner.device import resolve_device, resolve_dtype, synchronize
-from runner.distributed import any_rank, close_distributed, init_distributed, rank
+from runner.distributed import (any_rank, average_buffers, broadcast_model, close_distributed, init_distributed, rank,
+                                world_size)
 from runner.errors import exit_code_for
 from runner.evaluate import evaluate
 from runner.metadata import write_config, write_run_info, write_summary
@@ -80,7 +81,9 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[RunResult, StopSignals]:
     out = _output_dir(output_dir)
     resume = plan_resume(cfg, out)
-    writer = rank() == 0  # only rank 0 writes files
+    writer = rank() == 0  # only rank 0 writes files and reports progress
+    if not writer:
+        log.setLevel(logging.WARNING)
     if writer:
         write_config(cfg, out)
     threads = torch.get_num_threads()
@@ -162,14 +165,18 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
     splits = _build(cfg.dataset, "dataset")
     model = _build(cfg.model, "model", input_shape=splits.input_shape, num_outputs=splits.num_outputs)
     model = model.to(device=device, dtype=dtype)
+    shard = (rank(), world_size())  # data parallelism: this rank's part of every global batch (data/batching.py)
+    broadcast_model(model)
+    if shard[0] > 0:
+        torch.manual_seed(cfg.seed + 7919 * shard[0])  # dropout masks differ per rank; rank 0 keeps the 1-rank stream
     loss_fn = get_loss(splits.loss)
     train_batches = make_batches(
         splits.train, batch_size=trainer.batch_size, mode=trainer.batching, device=device, dtype=dtype,
-        seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers,
+        seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers, shard=shard,
     )
     test_batches = make_batches(
         splits.test, batch_size=trainer.eval_batch_size, mode="sequential", device=device, dtype=dtype,
-        num_workers=trainer.num_workers,
+        num_workers=trainer.num_workers, shard=shard,
     )
     total_steps = _total_steps(trainer, len(train_batches))
     optimizer = _call(_build(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
@@ -179,6 +186,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
     log.info(
         f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test samples; {n_params} parameters; "
         f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
+        + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
     )
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
@@ -232,7 +240,7 @@ class _Run:
         eval_every = trainer.eval_every or self.steps_per_epoch
         every = (trainer.checkpoint_every, trainer.checkpoint_every_minutes)
         schedule = CheckpointSchedule(*every) if trainer.checkpoint and every != (None, None) else None
-        show = trainer.progress if trainer.progress is not None else sys.stderr.isatty()
+        show = self.writer and (trainer.progress if trainer.progress is not None else sys.stderr.isatty())
         bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show, dynamic_ncols=True)
         self.model.train()
         with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
@@ -240,15 +248,18 @@ class _Run:
             while self.step < self.total_steps and self.diverged_row is None and not stop:
                 tick = time.perf_counter()
                 for inputs, targets in self.train_batches:
-                    objective = Objective(self.model, self.loss_fn, inputs, targets, **self.objective_options)
+                    objective = Objective(self.model, self.loss_fn, inputs, targets, **self.objective_options,
+                                          global_batch_size=self.train_batches.global_batch)
                     try:
                         stats = self.optimizer.step(objective)
                     except Exception as exc:
                         if not self._diverged_before(exc):
                             raise
                         break
+                    average_buffers(self.model)  # batch-norm running statistics equal on every rank
                     synchronize(self.device)
-                    self._record(stats, step_time=time.perf_counter() - tick, batch_size=inputs.shape[0])
+                    self._record(stats, step_time=time.perf_counter() - tick,
+                                 batch_size=self.train_batches.global_batch)
                     bar.update()
                     done = self.step >= self.total_steps
                     if done or self.step % eval_every == 0:
@@ -291,7 +302,7 @@ class _Run:
         self.samples_seen += batch_size
         self.wall_time += step_time
         row = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
-               "wall_time": self.wall_time, "step_time": step_time}
+               "wall_time": self.wall_time, "step_time": step_time, **peak_memory(self.device)}
         for key, value in stats.items():
             row.setdefault(key, value)
         if "loss" in stats:
@@ -348,6 +359,17 @@ class _Run:
         return summary
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """The step's peak device memory (CUDA; the counter restarts every step) or the process's peak RSS (CPU), MiB."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20
+        torch.cuda.reset_peak_memory_stats(device)
+        return {"memory/peak_mb": peak}
+    import resource
+
+    return {"memory/max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
 def _output_dir(output_dir: str | Path | None) -> Path:
     if output_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -393,7 +415,7 @@ def _data_root(path: str) -> str:
 
 def _objective_options(options: DictConfig) -> dict[str, Any]:
     """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step)."""
-    batch = ("model", "loss_fn", "inputs", "targets")
+    batch = ("model", "loss_fn", "inputs", "targets", "global_batch_size")
     return check_call("objective", Objective, OmegaConf.to_container(options, resolve=True), supplied=batch)
 
 

@@ -87,3 +87,90 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch(name, dtype, tmp_p
         err = ((ranks[0][step] - reference).norm() / reference.norm()).item()
         tol = FLOAT32_LINE_SEARCH_TOL.get(name, TOL[dtype]) if dtype == torch.float32 else TOL[dtype]
         assert err < tol, f"step {step + 1}: relative difference {err:.2e} from the single-process run"
+
+
+# ---------------------------------------------------------------------------------------------- through the runner
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from tests.runs import REPO, env  # noqa: E402
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+RUN = ["device=cpu", "threads=1", "dtype=float64", "trainer.max_steps=6", "trainer.max_epochs=null",
+       "trainer.eval_every=3", "trainer.batch_size=99"]  # 99 = 50 + 49 per rank: uneven shards
+
+
+def _run(args: list[str], out: Path, ranks: int = 1, timeout: float = 600) -> subprocess.CompletedProcess:
+    launcher = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+    return subprocess.run([*launcher, str(REPO / "run.py"), *RUN, *args, f"hydra.run.dir={out}"], cwd=out.parent,
+                          env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=timeout)
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["hf", "curveball", "sgd"])
+def test_torchrun_two_ranks_give_the_single_process_metrics(optimizer, tmp_path):
+    """The same config on 1 process and on 2 torchrun ranks: the same losses, CG iterations and (sharded,
+    all-reduced) test metrics; each step's row carries its all-reduce count, bytes and time."""
+    one, two = _run([f"optimizer={optimizer}"], tmp_path / "one"), _run([f"optimizer={optimizer}"], tmp_path / "two", 2)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr
+    assert two.stdout.count("curvlab: results in ") == 1  # only rank 0 reports
+    for a, b in zip(_rows(tmp_path / "one"), _rows(tmp_path / "two"), strict=True):
+        assert a["samples_seen"] == b["samples_seen"]
+        for key in ("loss", "eval/loss", "eval/accuracy", "damping", "beta"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-10, abs=1e-12), (a["step"], key)
+        assert a.get("cg/iters") == b.get("cg/iters")
+        assert b["comm/all_reduces"] >= 1 and b["comm/bytes"] > 0 and "comm/time" in b
+
+
+class FailOnRank1(SGD):
+    """SGD that raises on rank 1 at its second step (a rank that fails)."""
+
+    def update(self, objective):
+        if dist.get_rank() == 1 and self.steps == 1:
+            raise RuntimeError("injected failure")
+        return super().update(objective)
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_job_quickly_and_is_named(tmp_path):
+    t0 = time.monotonic()
+    result = _run(["optimizer._target_=tests.test_distributed.FailOnRank1", "optimizer.lr=0.01"], tmp_path / "run", 2,
+                  timeout=120)
+    assert result.returncode != 0
+    assert time.monotonic() - t0 < 60
+    assert "curvlab: rank 1 of 2: failed with RuntimeError: injected failure" in result.stderr
+
+
+def _buffers_worker(rank: int, store: str, out: str) -> None:
+    from runner.distributed import average_buffers, broadcast_model
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
+    try:
+        torch.manual_seed(rank)  # different initial weights per rank
+        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).double()
+        broadcast_model(model)
+        model(torch.randn(8, 3, dtype=torch.float64))  # per-rank batch statistics move the running averages apart
+        before = model[1].running_mean.clone()
+        average_buffers(model)
+        torch.save({"weight": model[0].weight.detach(), "before": before, "after": model[1].running_mean}, f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_parameters_are_broadcast_and_batch_norm_statistics_averaged(tmp_path):
+    mp.spawn(_buffers_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD, join=True)
+    r0, r1 = (torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(WORLD))
+    torch.manual_seed(0)
+    assert torch.equal(r0["weight"], r1["weight"]) and torch.equal(r0["weight"], nn.Linear(3, 4).double().weight)
+    assert not torch.equal(r0["before"], r1["before"])
+    assert torch.equal(r0["after"], r1["after"])
+    assert torch.allclose(r0["after"], (r0["before"] + r1["before"]) / 2, rtol=0, atol=1e-15)
