@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -133,7 +134,9 @@ class TorchOptim(Scheduled, Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise OptionError("optimizer.backward=create_graph runs in one process only: its loss bypasses the "
                               "Objective's data-parallel reduction.")
-        with torch.enable_grad():
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch warns that p.grad now references its own graph (a cycle); the p.grad = None below breaks it.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             # Bypasses the Objective's forward cache: the graph of p.grad is what AdaHessian/Sophia differentiate.
             loss = objective.loss_fn(objective.model(objective.inputs), objective.targets)
             eta = float(getattr(objective, "l2", 0.0))
