@@ -3,23 +3,29 @@
 Usable without the runner::
 
     from optimizers import Objective, HessianFree
-    opt = HessianFree(model.parameters())
+    opt = HessianFree(model.parameters(), damping=10.0)
     for x, y in loader:
         stats = opt.step(Objective(model, "cross_entropy", x, y))
+
+Every method's hyperparameters are a frozen dataclass, ``Method.Options`` (e.g. ``help(HessianFree.Options)``).
 """
-from optimizers.base import Optimizer
+from optimizers.base import Optimizer, OptimizerOptions
 from optimizers.cg import CGResult, pcg
+from optimizers.checks import OptionError
 from optimizers.curveball import CurveBall
 from optimizers.first_order import SGD, Adam
 from optimizers.gd import GradientDescent
 from optimizers.gradcheck import finite_difference_check
 from optimizers.hf import HessianFree
+from optimizers.lbfgs import LBFGS
 from optimizers.losses import CrossEntropy, Loss, SquaredError, get_loss
 from optimizers.newton import Newton
+from optimizers.nlcg import NLCG
 from optimizers.objective import Objective
-from optimizers.quasi_newton import LBFGS, NLCG
+from optimizers.weight_decay import WeightDecayed
 
 __all__ = [
-    "Optimizer", "Objective", "Loss", "CrossEntropy", "SquaredError", "get_loss", "pcg", "CGResult",
-    "SGD", "Adam", "GradientDescent", "Newton", "HessianFree", "CurveBall", "LBFGS", "NLCG", "finite_difference_check",
+    "Optimizer", "OptimizerOptions", "OptionError", "Objective", "WeightDecayed", "Loss", "CrossEntropy",
+    "SquaredError", "get_loss", "pcg", "CGResult", "SGD", "Adam", "GradientDescent", "Newton", "HessianFree",
+    "CurveBall", "LBFGS", "NLCG", "finite_difference_check",
 ]

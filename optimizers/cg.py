@@ -19,11 +19,39 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from optimizers.base import OptimizerOptions
+from optimizers.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
+
 STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature")
+
+
+@dataclass(frozen=True)
+class CGOptions(OptimizerOptions):
+    """The inner CG solve's settings, shared by Hessian-free and Newton-CG."""
+
+    cg_min_iters: int = option(1, nonnegative_int)     # never stop earlier (Martens' code: 1; seed 002: 3)
+    cg_max_iters: int = option(250, positive_int)      # iteration cap (Martens 2010: 250; his later code: 125)
+    cg_martens_tol: float = option(5e-4, nonnegative)  # Martens' relative-progress tolerance; 0 switches it off
+    cg_gap: int | None = option(None, optional(positive_int))  # floor of the window k; null = max(1, cg_min_iters)
+    cg_tol: float = option(0.0, nonnegative)           # also stop once |r| <= cg_tol |b| (0 = off)
+
+    def validate(self) -> None:
+        super().validate()
+        if self.cg_min_iters > self.cg_max_iters:
+            fail(self.key("cg_min_iters"), self.cg_min_iters,
+                 f"must not exceed {self.key('cg_max_iters')}={self.cg_max_iters}.")
+
+    def cg_kwargs(self, **extra: Any) -> dict[str, Any]:
+        """Keyword arguments for ``pcg``. Seed 002 Algorithm 2 opens Martens' window at the minimum number of CG
+        steps (j <- max{t, ...}); Martens 2010 uses 10."""
+        gap = max(1, self.cg_min_iters) if self.cg_gap is None else self.cg_gap
+        return dict(min_iters=self.cg_min_iters, max_iters=self.cg_max_iters, martens_tol=self.cg_martens_tol,
+                    tol=self.cg_tol, martens_gap=gap, **extra)
 
 
 @dataclass

@@ -1,18 +1,19 @@
-"""CurveBall (seed 003, Algorithm 1): one gradient-descent step on the Newton system per parameter update.
+"""CurveBall (Henriques, Ehrhardt, Albanie, Vedaldi 2019, "Small steps and giant leaps: Minimal Newton solvers for
+deep learning" (seed 003), Algorithm 1): one gradient-descent step on the Newton system per parameter update.
 
 Per step, with J = df/dw the network Jacobian, H_L the loss Hessian w.r.t. the outputs f, g_f = dL/df, and C the
 curvature (GGN J^T H_L J by default, or the Hessian), the method keeps one extra vector z (like momentum) and does
 
     dz = (C + lambda I) z + grad                      Algorithm 1 line 3; GGN form J^T (H_L J z + g_f) + lambda z
                                                       needs ONE backward (eq. 16-17)
-    [beta, -rho] = A^-1 b                             eq. 18 with the damping (reference/algorithms.md, step 5)
+    [beta, -rho] = A^-1 b                             eq. 18 with the damping (shared/reference/algorithms.md, step 5)
     z <- rho z - beta dz ;  w <- w + lr z             Algorithm 1 lines 4-5 (lr: the authors' MATLAB multiplier)
 
 and every ``lambda_every`` steps rescales lambda by the ratio of the actual to the predicted loss change (sec. 3).
 
-Weight decay eta: the objective becomes f + eta/2 |w|^2, whose gradient is grad + eta w and whose curvature is
-C + eta I (GGN of the regulariser = its Hessian = eta I). So eta enters dz as eta w + eta z, the 2x2 system through
-the damping lambda + eta and b through eta w, and the loss change of the lambda test through eta/2 |w|^2.
+Weight decay eta (the shared ``WeightDecayed`` objective): F = L + eta/2 |w|^2 has gradient grad + eta w and curvature
+C + eta I. The GGN path works in output space, where only L lives, so it adds the regulariser's terms once: to dz
+(eta z + eta w) and to the quadratic forms (``QuadForms.with_l2``); the Hessian path's products already hold them.
 
 Cost per GGN step (``fast_path``, the default): the batch's forward pass carries J z by forward-mode AD, one backward
 gives J^T u and keeps its graph, and J dz differentiates that graph w.r.t. u (double-backward trick; for networks with
@@ -26,165 +27,144 @@ Measured on the CPU (1 thread, CPU time per step, lambda test included), relativ
 
 A CurveBall step needs J z, J^T u and J dz in sequence, each about as costly as SGD's backward, so about 2x SGD is the
 floor; fixed rho, beta drop J dz. The fused pass and the kept J^T u graph are ``Objective.forward_with_jvp`` and
-``Objective.vjp(u, keep_jvp=True)``.
+``Objective.vjp(u, keep_for_jvp=True)``.
 """
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from optimizers.base import Optimizer, as_tensor_like
-from optimizers.objective import Objective
-from optimizers.vec import params_vector
+from optimizers.backends import auto_jacobian_backend, has_batch_norm
+from optimizers.base import Optimizer, OptimizerOptions, as_tensor_like
+from optimizers.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
+from optimizers.objective import CURVATURES, Objective
 
-CURVATURES = ("ggn", "hessian")
-JDZ_METHODS = ("auto", "double_backward", "forward_ad")
-GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright p. 69): thresholds on the ratio gamma
+GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright 2006, Numerical Optimization, p. 69)
+
+
+@dataclass(frozen=True)
+class CurveBallOptions(OptimizerOptions):
+    lr: float = option(1.0, positive)                  # multiplies z in w <- w + lr z (authors' MATLAB; seed 003: 1)
+    damping: float | None = option(None, optional(nonnegative))  # initial lambda; null: 1 with batch norm, else 10
+    curvature: str = option("ggn", one_of(*CURVATURES))  # ggn (eq. 10-12) | hessian (exact, may be indefinite)
+    auto_rho_beta: bool = option(True, boolean)        # rho, beta from the 2x2 model (eq. 18); false: fixed below
+    rho: float = option(0.9, finite)                   # fixed momentum rho (auto_rho_beta=false)
+    beta: float = option(0.01, positive)               # fixed step size beta (auto_rho_beta=false; Theorem A.1: > 0)
+    lambda_rescaling: bool = option(True, boolean)     # trust-region rescaling of lambda (seed 003 sec. 3)
+    lambda_every: int = option(5, positive_int)        # rescale every this many steps (one extra forward each)
+    lambda_decay: float = option(0.999, in_range(0, 1, low_open=True, high_open=True))  # omega per step
+    fast_path: bool = option(True, boolean)            # J z fused into the forward; J dz from the kept J^T u graph
+    jdz_method: str = option("auto", one_of("auto", "double_backward", "forward_ad"))  # J dz on the fast path
+    log_grad_norm: bool = option(False, boolean)       # also log |gradient| (one extra backward on the fast path)
+
+
+class QuadForms(NamedTuple):
+    """The undamped quadratic forms of CurveBall's 2x2 system (seed 003 eq. 18), summed over the batch."""
+
+    zCz: Tensor     # z^T C z
+    dzCz: Tensor    # dz^T C z
+    dzCdz: Tensor   # dz^T C dz
+    g_dz: Tensor    # grad^T dz
+    g_z: Tensor     # grad^T z
+
+    def with_l2(self, objective: Objective, z: Tensor, dz: Tensor) -> QuadForms:
+        """The forms of F = L + eta/2 |w|^2: C + eta I and grad + eta w (no-op without weight decay)."""
+        eta, g = objective.l2, objective.l2_gradient()
+        if g is None:
+            return self
+        return QuadForms(self.zCz + eta * z.dot(z), self.dzCz + eta * dz.dot(z), self.dzCdz + eta * dz.dot(dz),
+                         self.g_dz + g.dot(dz), self.g_z + g.dot(z))
+
+
+class RhoBetaSystem(NamedTuple):
+    """[[a11, a12], [a12, a22]] [beta, -rho]^T = [b1, b2]^T."""
+
+    a11: Tensor
+    a12: Tensor
+    a22: Tensor
+    b1: Tensor
+    b2: Tensor
+
+
+def assemble_system(forms: QuadForms, z: Tensor, dz: Tensor, damping: Tensor) -> RhoBetaSystem:
+    """Eq. 18 with the damping lambda (shared/reference/algorithms.md, CurveBall step 5)."""
+    return RhoBetaSystem(forms.dzCdz + damping * dz.dot(dz), forms.dzCz + damping * dz.dot(z),
+                         forms.zCz + damping * z.dot(z), forms.g_dz, forms.g_z)
 
 
 class CurveBall(Optimizer):
     """CurveBall with automatic rho, beta (eq. 18) and lambda rescaling (seed 003 sec. 3)."""
 
-    def __init__(
-        self,
-        params: Iterable[Tensor],
-        *,
-        lr: float = 1.0,
-        lambda0: float | None = None,
-        curvature: str = "ggn",
-        auto_rho_beta: bool = True,
-        rho: float = 0.9,
-        beta: float = 0.01,
-        lambda_rescaling: bool = True,
-        lambda_every: int = 5,
-        lambda_decay: float = 0.999,
-        weight_decay: float = 0.0,
-        fast_path: bool = True,
-        jdz_method: str = "auto",
-        log_grad_norm: bool = False,
-    ):
-        super().__init__(params)
-        if not lr > 0:
-            raise ValueError(f"optimizer.lr={lr} must be positive (seed 003 / MATLAB default 1.0).")
-        if lambda0 is not None and not lambda0 >= 0:
-            raise ValueError(
-                f"optimizer.lambda0={lambda0} must be a non-negative damping, or null to pick it from the model "
-                "(1 with batch norm, 10 without, seed 003 sec. 3).")
-        if curvature not in CURVATURES:
-            raise ValueError(f"optimizer.curvature={curvature!r} is not one of {list(CURVATURES)}: 'ggn' is the "
-                             "Gauss-Newton matrix of seed 003 eq. 10, 'hessian' the exact Hessian.")
-        if not auto_rho_beta and not beta > 0:
-            raise ValueError(f"optimizer.beta={beta} must be positive when optimizer.auto_rho_beta is false "
-                             "(seed 003 Theorem A.1 needs beta > 0).")
-        if isinstance(lambda_every, bool) or int(lambda_every) != lambda_every or lambda_every < 1:
-            raise ValueError(f"optimizer.lambda_every={lambda_every!r} must be a positive integer "
-                             "(seed 003 rescales lambda every 5 steps).")
-        if not 0.0 < lambda_decay < 1.0:
-            raise ValueError(f"optimizer.lambda_decay={lambda_decay} must be in (0, 1) (seed 003 uses 0.999).")
-        if jdz_method not in JDZ_METHODS:
-            raise ValueError(f"optimizer.jdz_method={jdz_method!r} is not one of {list(JDZ_METHODS)} (how the fast "
-                             "path computes J dz: 'auto' picks forward_ad with batch norm, else double_backward).")
-        if not weight_decay >= 0:
-            raise ValueError(f"optimizer.weight_decay={weight_decay} must be non-negative.")
-        self.lr, self.lambda0, self.curvature = float(lr), lambda0, curvature
-        self.auto_rho_beta, self.rho, self.beta = bool(auto_rho_beta), float(rho), float(beta)
-        self.lambda_rescaling, self.lambda_every = bool(lambda_rescaling), int(lambda_every)
-        # The test runs every lambda_every steps, so one rescaling applies the per-step factor that many times.
-        self.omega = float(lambda_decay) ** self.lambda_every
-        self.weight_decay, self.log_grad_norm = float(weight_decay), bool(log_grad_norm)
-        self.fast_path, self.jdz_method = bool(fast_path), jdz_method
+    Options = CurveBallOptions
+
+    def __init__(self, params, **options: Any):
+        super().__init__(params, **options)
         p0 = self.params[0]
-        self.z = torch.zeros(sum(p.numel() for p in self.params), dtype=p0.dtype, device=p0.device)
-        self.z_is_zero = True  # z = 0: skip the products with z (first step, Algorithm 1 line 1)
+        self.z = torch.zeros(self.numel, dtype=p0.dtype, device=p0.device)
+        self.z_is_zero = True               # z = 0: skip the products with z (first step, Algorithm 1 line 1)
         self.damping: Tensor | None = None  # lambda, a 0-dim tensor so that rescaling needs no host sync
+        self.fused = self.options.fast_path  # switched off if the model has an op without forward-mode AD
 
-    # ------------------------------------------------------------------ the step
-    def step(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: Objective) -> dict[str, Any]:
+        o = self.options
         if self.damping is None:
-            self.damping = as_tensor_like(initial_lambda(objective.model) if self.lambda0 is None else self.lambda0,
-                                          self.z)
-        lam, eta, z = self.damping, self.weight_decay, self.z
-        damp = lam + eta  # the curvature of f + eta/2 |w|^2 is C + eta I; damped: C + (lambda + eta) I
-        w = params_vector(self.params) if eta else None
-        rescale = self.lambda_rescaling and (self.steps + 1) % self.lambda_every == 0
-        need_a = self.auto_rho_beta or rescale  # the 2x2 system is needed for eq. 18 and for the predicted change
-
-        # dz = (C + (lambda + eta) I) z + grad + eta w; cz = z'Cz, cdz = [z'Cz, dz'Cz, dz'Cdz] (undamped, no eta);
-        # b = [grad'dz, grad'z] without eta.
-        products = self._ggn_products if self.curvature == "ggn" else self._hessian_products
-        dz, cz, cdz, b = products(objective, damp * z + (eta * w if eta else 0.0), need_a)
-        if need_a:
-            a11 = cdz[2] + damp * dz.dot(dz)
-            a12 = cdz[1] + damp * dz.dot(z)
-            a22 = cz + damp * z.dot(z)
-            b1 = b[0] + (eta * w.dot(dz) if eta else 0.0)
-            b2 = b[1] + (eta * w.dot(z) if eta else 0.0)
-        if self.auto_rho_beta:
-            rho, beta = solve_rho_beta(a11, a12, a22, b1, b2, first=self.z_is_zero)
+            self.damping = as_tensor_like(initial_lambda(objective.model) if o.damping is None else o.damping, self.z)
+        lam, z = self.damping, self.z
+        rescale = o.lambda_rescaling and (self.steps + 1) % o.lambda_every == 0
+        need_system = o.auto_rho_beta or rescale  # for eq. 18, and for the predicted change of the lambda test
+        products = self._ggn_products if o.curvature == "ggn" else self._hessian_products
+        dz, forms = products(objective, lam, need_system)  # dz = (C + lambda I) z + grad
+        system = assemble_system(forms, z, dz, lam) if need_system else None
+        if o.auto_rho_beta:
+            rho, beta = solve_rho_beta(*system, first=self.z_is_zero)
         else:
-            rho, beta = as_tensor_like(self.rho, z), as_tensor_like(self.beta, z)
+            rho, beta = as_tensor_like(o.rho, z), as_tensor_like(o.beta, z)
         z_new = rho * z - beta * dz  # Algorithm 1 line 4
-        step = self.lr * z_new       # Algorithm 1 line 5 (times the MATLAB learning rate)
+        step = o.lr * z_new          # Algorithm 1 line 5 (times the MATLAB learning rate)
 
-        stats: dict[str, Any] = {"loss": objective.loss(), "lr": self.lr, "rho": rho, "beta": beta, "damping": lam}
-        if self.log_grad_norm:
-            grad = objective.gradient() + (eta * w if eta else 0.0)
-            stats["grad_norm"] = grad.norm()
+        stats: dict[str, Any] = {"loss": objective.loss(), "lr": o.lr, "rho": rho, "beta": beta, "damping": lam}
+        if o.log_grad_norm:
+            stats["grad_norm"] = objective.gradient().norm()
         if rescale:
-            # Predicted change: the damped quadratic model q(s) = grad's + 1/2 s'(C + (lambda + eta) I)s at the step
-            # s = lr (rho z - beta dz), written with the 2x2 quantities. With the automatic rho, beta (A x = b at
-            # x = [beta, -rho]) and lr = 1 it reduces to -1/2 [beta, -rho].b, the formula of the authors' code.
-            lin = rho * b2 - beta * b1
-            quad = rho * rho * a22 - 2.0 * rho * beta * a12 + beta * beta * a11
-            predicted = self.lr * lin + 0.5 * self.lr ** 2 * quad
-            actual = objective.loss_at(step) - stats["loss"]
-            if eta:
-                actual = actual + eta * (w.dot(step) + 0.5 * step.dot(step))
-            gamma = actual / predicted
-            # gamma < 1/2: the model over-promised, shrink the trust region (raise lambda); gamma > 3/2: the loss fell
-            # faster than predicted, lower lambda. NaN compares false both ways and leaves lambda unchanged.
-            self.damping = torch.where(gamma < GAMMA_LOW, lam / self.omega,
-                                       torch.where(gamma > GAMMA_HIGH, lam * self.omega, lam))
-            stats["lambda_ratio"], stats["model_change"] = gamma, predicted
+            stats.update(self._rescale_lambda(objective, system, rho, beta, step, stats["loss"]))
         objective.apply(step)
         self.z, self.z_is_zero = z_new, False
-        self.steps += 1
-        stats["z_norm"] = z_new.norm()
-        stats["dz_norm"] = dz.norm()
-        stats.update(objective.stats())
+        stats.update({"z_norm": z_new.norm(), "dz_norm": dz.norm(), **objective.stats()})
         return stats
 
-    def _ggn_products(self, objective: Objective, extra: Tensor,
-                      need_a: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """dz = J^T (H_L J z + g_f) + extra (eq. 17, extra = damping and weight decay) and the quadratic forms."""
+    def _rescale_lambda(self, objective: Objective, a: RhoBetaSystem, rho: Tensor, beta: Tensor, step: Tensor,
+                        loss: Tensor) -> dict[str, Tensor]:
+        """Trust-region test (seed 003 sec. 3): gamma = actual / predicted loss change; gamma < 1/2 (the model
+        over-promised) raises lambda, gamma > 3/2 lowers it; NaN compares false both ways and leaves it."""
+        lr, omega = self.options.lr, self.options.lambda_decay ** self.options.lambda_every
+        # The damped model q(s) = grad's + 1/2 s'(C + lambda I)s at s = lr (rho z - beta dz), from the 2x2
+        # quantities. With the automatic rho, beta and lr = 1 it is -1/2 [beta, -rho].b, the authors' formula.
+        lin = rho * a.b2 - beta * a.b1
+        quad = rho * rho * a.a22 - 2.0 * rho * beta * a.a12 + beta * beta * a.a11
+        predicted = lr * lin + 0.5 * lr ** 2 * quad
+        gamma = (objective.loss_at(step) - loss) / predicted
+        lam = self.damping
+        self.damping = torch.where(gamma < GAMMA_LOW, lam / omega, torch.where(gamma > GAMMA_HIGH, lam * omega, lam))
+        return {"lambda_ratio": gamma, "model_change": predicted}
+
+    def _ggn_products(self, objective: Objective, lam: Tensor, need_forms: bool) -> tuple[Tensor, QuadForms | None]:
+        """dz = J^T (H_L J z + g_f) + lambda z (eq. 16-17, ONE backward), and the forms of eq. 18."""
         z, zero = self.z, self.z_is_zero
-        fast = self.fast_path and objective.can_fuse_forward
-        if fast:
-            try:
-                jz = None if zero else objective.forward_with_jvp(z)
-            except NotImplementedError as err:  # an op of the model has no forward-mode AD formula
-                warnings.warn(f"CurveBall: forward-mode AD failed ({err}); using the Objective's products instead "
-                              "(set optimizer.fast_path=false to silence this).", stacklevel=2)
-                self.fast_path = fast = False
-        if not fast:
-            jz = None if zero else objective.jvp(z)
+        jz = None if zero else self._jz(objective)
         g_f = objective.curvature_output_grad()
         hjz = None if zero else objective.loss_hessian_vp(jz)
         u = g_f if zero else g_f + hjz
-        if fast and need_a:
-            method = self._jdz_method(objective)
-            jtu = objective.vjp(u, keep_jvp=method == "double_backward")
-            jvp_fn = lambda v: objective.jvp(v, method=method)  # noqa: E731
-        else:
-            jtu, jvp_fn = objective.vjp(u), objective.jvp
-        dz = jtu + extra
-        if not need_a:
-            return dz, None, None, None
-        jdz = jvp_fn(dz)
+        method = self._jdz_method(objective) if need_forms and self.fused else None
+        dz = objective.vjp(u, keep_for_jvp=method == "double_backward") + (lam + objective.l2) * z
+        if objective.l2_gradient() is not None:
+            dz = dz + objective.l2_gradient()
+        if not need_forms:
+            return dz, None
+        jdz = objective.jvp(dz, backend=method)
         hjdz = objective.loss_hessian_vp(jdz)
         if zero:
             outs = torch.stack([_dot(jdz, hjdz), _dot(g_f, jdz)])
@@ -192,33 +172,38 @@ class CurveBall(Optimizer):
         else:
             outs = torch.stack([_dot(jz, hjz), _dot(jz, hjdz), _dot(jdz, hjdz), _dot(g_f, jdz), _dot(g_f, jz)])
         # Output-space sums are over this process's batch: average them across data-parallel ranks in one reduction.
-        outs = objective.reduce(outs)
-        return dz, outs[0], outs[:3], outs[3:]
+        return dz, QuadForms(*objective.reduce(outs)).with_l2(objective, z, dz)
+
+    def _jz(self, objective: Objective) -> Tensor:
+        """J z, fused into the batch's forward pass when possible."""
+        if self.fused:
+            try:
+                return objective.forward_with_jvp(self.z)
+            except NotImplementedError as err:  # an op of the model has no forward-mode AD formula
+                warnings.warn(f"CurveBall: forward-mode AD failed ({err}); using the Objective's products instead "
+                              "(set optimizer.fast_path=false to silence this).", stacklevel=3)
+                self.fused = False
+        return objective.jvp(self.z)
 
     def _jdz_method(self, objective: Objective) -> str:
-        """Differentiating the kept J^T u graph costs about one tangent pass (MLP: 15 ms vs 30 ms for a forward-mode
-        pass), except through batch norm, whose double backward is slower than a fresh forward-mode pass (CNN + BN:
-        2.9x SGD per step with forward_ad, 3.4x with double_backward; CPU measurements)."""
-        if self.jdz_method != "auto":
-            return self.jdz_method
-        return "forward_ad" if has_batch_norm(objective.model) else "double_backward"
+        if self.options.jdz_method != "auto":
+            return self.options.jdz_method
+        return auto_jacobian_backend(objective.model, jtu_graph_kept=True)
 
-    def _hessian_products(self, objective: Objective, extra: Tensor,
-                          need_a: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """dz = H z + grad + extra with Pearlmutter products (prepare + H z + H dz: a backward more than the GGN)."""
+    def _hessian_products(self, objective: Objective, lam: Tensor,
+                          need_forms: bool) -> tuple[Tensor, QuadForms | None]:
+        """dz = H z + grad + lambda z with Pearlmutter products (a backward more than the GGN path). H is symmetric,
+        so z'H dz = dz'(H z) reuses H z. With negative curvature A may be indefinite: the 2x2 solution is then a
+        saddle of the model, not a minimiser (raise the damping for non-convex problems)."""
         z, zero = self.z, self.z_is_zero
-        grad = objective.prepare("hessian")
+        grad = objective.gradient("hessian")
         hz = torch.zeros_like(z) if zero else objective.hvp(z)
-        dz = hz + grad + extra
-        if not need_a:
-            return dz, None, None, None
+        dz = hz + grad + lam * z
+        if not need_forms:
+            return dz, None
         hdz = objective.hvp(dz)
-        # H is symmetric, so z'H dz = dz'(H z) reuses H z. With negative curvature A may be indefinite: the 2x2
-        # solution is then a saddle of the model, not a minimiser (raise lambda0 for non-convex problems).
-        cz = z.dot(hz)
-        return dz, cz, torch.stack([cz, dz.dot(hz), dz.dot(hdz)]), torch.stack([grad.dot(dz), grad.dot(z)])
+        return dz, QuadForms(z.dot(hz), dz.dot(hz), dz.dot(hdz), grad.dot(dz), grad.dot(z))
 
-    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "z": self.z.clone(), "z_is_zero": self.z_is_zero,
                 "damping": None if self.damping is None else self.damping.clone()}
@@ -228,10 +213,6 @@ class CurveBall(Optimizer):
         self.z = state["z"].detach().clone().to(self.z)
         self.z_is_zero = bool(state["z_is_zero"])
         self.damping = None if state["damping"] is None else state["damping"].detach().clone().to(self.z)
-
-
-def has_batch_norm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def initial_lambda(model: nn.Module) -> float:

@@ -1,4 +1,5 @@
-"""Full-batch gradient descent: seed 000's naive method, used for Newton's pre-training and as its fall-back.
+"""Full-batch gradient descent: the naive method of seed 000 (Chapter 9), used for Newton's pre-training and as its
+fall-back.
 
     w <- w - sigma * g,   sigma = lr (fixed, "learning rate") or found by Armijo backtracking along -g.
 
@@ -7,70 +8,59 @@ descent because a line search from a large trial rate can hit non-finite losses 
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
-import torch
-from torch import Tensor
-
 from optimizers.base import Optimizer
-from optimizers.line_search import armijo
+from optimizers.checks import one_of, option, positive
+from optimizers.line_search import LineSearchOptions, armijo_with
 from optimizers.objective import Objective
 
 STEP_SIZES = ("fixed", "armijo")
 
 
+@dataclass(frozen=True)
+class StepSizeOptions(LineSearchOptions):
+    """A fixed step or an Armijo search (seed 000 sec. 9.2), shared by gradient descent and Newton."""
+
+    step_size: str = option("armijo", one_of(*STEP_SIZES))  # fixed: w += lr * direction | armijo: backtracking
+    lr: float = option(1.0, positive)                        # the fixed step size
+
+
+@dataclass(frozen=True)
+class GDOptions(StepSizeOptions):
+    step_size: str = option("fixed", one_of(*STEP_SIZES))
+    lr: float = option(0.1, positive)
+
+
 class GradientDescent(Optimizer):
     """Plain (full-batch) gradient descent with a fixed step ``lr`` or an Armijo line search.
 
-    Armijo (seed 000 sec. 9.2): the first sigma in {initial_rate * beta^j} with
-    f(w - sigma g) - f(w) <= -sigma * gamma * |g|^2. When no rate passes within ``max_evals`` tries the step is skipped
-    (``line_search/success`` = 0).
+    Armijo: the first sigma in {ls_initial_rate * ls_shrink^j} with f(w - sigma g) - f(w) <= -sigma * ls_c * |g|^2.
+    When no rate passes within ``ls_max_evals`` tries the step is skipped (``line_search/success`` = 0).
     """
 
-    def __init__(self, params: Iterable[Tensor], lr: float = 0.1, step_size: str = "fixed",
-                 initial_rate: float = 1.0, beta: float = 0.8, gamma: float = 0.01, max_evals: int = 60):
-        super().__init__(params)
-        check_step_size_options(step_size, lr=lr, initial_rate=initial_rate, beta=beta, gamma=gamma,
-                                max_evals=max_evals)
-        self.lr, self.step_size = float(lr), step_size
-        self.initial_rate, self.beta, self.gamma, self.max_evals = float(initial_rate), float(beta), float(gamma), int(max_evals)
+    Options = GDOptions
 
-    def step(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: Objective) -> dict[str, Any]:
         loss = objective.loss()
         g = objective.gradient()
         stats: dict[str, Any] = {"loss": loss, "grad_norm": g.norm()}
-        if self.step_size == "fixed":
-            rate = self.lr
-        else:
-            result = armijo(objective, -g, loss0=loss, slope=-torch.dot(g, g), initial=self.initial_rate,
-                            shrink=self.beta, c=self.gamma, max_evals=self.max_evals)
-            rate = result.rate
-            stats.update({"line_search/rate": result.rate, "line_search/evals": result.evals,
-                          "line_search/success": int(result.success)})
+        rate = step_rate(self.options, objective, -g, loss=loss, slope=-g.dot(g), stats=stats)
         stats["step_size"] = rate
         stats.update(objective.stats())
         if rate != 0.0:
             objective.apply(g, alpha=-rate)
-        self.steps += 1
         return stats
 
 
-def check_step_size_options(step_size: str, *, lr: float, initial_rate: float, beta: float, gamma: float,
-                            max_evals: int) -> None:
-    """ValueErrors for the step-size hyperparameters shared by gradient descent and Newton."""
-    if step_size not in STEP_SIZES:
-        raise ValueError(f"optimizer.step_size={step_size!r} is not one of {list(STEP_SIZES)}: 'fixed' multiplies the "
-                         "direction by optimizer.lr, 'armijo' backtracks from optimizer.initial_rate by optimizer.beta.")
-    if not lr > 0:
-        raise ValueError(f"optimizer.lr must be positive, got {lr}.")
-    if not initial_rate > 0:
-        raise ValueError(f"optimizer.initial_rate (first Armijo trial rate) must be positive, got {initial_rate}.")
-    if not 0.0 < beta < 1.0:
-        raise ValueError(f"optimizer.beta (Armijo shrink factor, seed 000 sec. 9.2) must be in (0, 1), got {beta}.")
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"optimizer.gamma (Armijo sufficient-decrease constant, seed 000 sec. 9.2) must be in (0, 1), "
-                         f"got {gamma}.")
-    if isinstance(max_evals, bool) or int(max_evals) != max_evals or max_evals < 1:
-        raise ValueError(f"optimizer.max_evals (Armijo loss evaluations per step) must be a positive integer, "
-                         f"got {max_evals!r}.")
+def step_rate(options: StepSizeOptions, objective: Objective, direction, *, loss, slope, stats: dict,
+              fixed: float | None = None) -> float:
+    """The step size along ``direction``: ``fixed`` (default ``options.lr``) or an Armijo search, whose outcome is
+    recorded in ``stats``."""
+    if options.step_size == "fixed":
+        return options.lr if fixed is None else fixed
+    result = armijo_with(options, objective, direction, loss0=loss, slope=slope)
+    stats.update({"line_search/rate": result.rate, "line_search/evals": result.evals,
+                  "line_search/success": int(result.success)})
+    return result.rate

@@ -1,8 +1,10 @@
-"""Armijo backtracking along a direction, shared by Newton, Hessian-free and gradient descent.
+"""Armijo backtracking along a direction, shared by gradient descent, Newton, Hessian-free and NLCG.
 
-Seed 000 Algorithm 4 (step-size adaption with beta, gamma) and Martens 2010 sec. 4.6 (rate 1, shrink 0.8, c = 0.01,
-give up after 60 tries) are the same rule: accept the first rate a in {a0, a0*shrink, ...} with
+Seed 000 (Algorithm 4, step-size adaption with beta, gamma) and Martens 2010 ("Deep learning via Hessian-free
+optimization", sec. 4.6: rate 1, shrink 0.8, c = 0.01, give up after 60 tries) use the same rule: accept the first
+rate a in {a0, a0*shrink, a0*shrink^2, ...} with
     f(w + a p) <= f(w) + c * a * g^T p.
+Every method names these settings ``ls_*`` (``LineSearchOptions``).
 """
 from __future__ import annotations
 
@@ -11,7 +13,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optimizers.base import OptimizerOptions
+from optimizers.checks import in_range, option, positive, positive_int
 from optimizers.objective import Objective
+
+
+@dataclass(frozen=True)
+class LineSearchOptions(OptimizerOptions):
+    """The Armijo settings every method with a line search shares (defaults: Martens 2010 sec. 4.6)."""
+
+    ls_initial_rate: float = option(1.0, positive)                                # first trial rate a0
+    ls_shrink: float = option(0.8, in_range(0, 1, low_open=True, high_open=True))  # rate multiplier per rejected trial
+    ls_c: float = option(0.01, in_range(0, 1, low_open=True, high_open=True))      # sufficient-decrease constant c
+    ls_max_evals: int = option(60, positive_int)                                  # trials before giving up (no step)
 
 
 @dataclass
@@ -25,8 +39,6 @@ class LineSearchResult:
 def armijo(objective: Objective, direction: Tensor, *, loss0: Tensor | None = None, slope: Tensor | None = None,
            initial: float = 1.0, shrink: float = 0.8, c: float = 0.01, max_evals: int = 60) -> LineSearchResult:
     """Backtrack from ``initial`` by ``shrink`` until the Armijo condition holds, on the objective's batch."""
-    if not 0.0 < shrink < 1.0:
-        raise ValueError(f"line search shrink factor must be in (0, 1), got {shrink}")
     loss0 = objective.loss() if loss0 is None else loss0
     slope = torch.dot(objective.gradient(), direction) if slope is None else slope
     rate = initial
@@ -36,3 +48,11 @@ def armijo(objective: Objective, direction: Tensor, *, loss0: Tensor | None = No
             return LineSearchResult(rate, trial, evals, True)
         rate *= shrink
     return LineSearchResult(0.0, loss0, max_evals, False)
+
+
+def armijo_with(options: LineSearchOptions, objective: Objective, direction: Tensor, *, loss0: Tensor,
+                slope: Tensor, initial: float | None = None, max_evals: int | None = None) -> LineSearchResult:
+    """``armijo`` with a method's ``ls_*`` options (``initial``/``max_evals`` override them for one call)."""
+    return armijo(objective, direction, loss0=loss0, slope=slope,
+                  initial=options.ls_initial_rate if initial is None else initial, shrink=options.ls_shrink,
+                  c=options.ls_c, max_evals=options.ls_max_evals if max_evals is None else max_evals)

@@ -1,18 +1,16 @@
-"""The curvature engine against ground truth: explicit float64 matrices built by torch.func, closed-form H_L against
-autograd, and the batch policies (dropout masks, batch-norm statistics, curvature sub-batch)."""
+"""The curvature engine against ground truth: dense float64 matrices from tests/oracles.py (torch.func alone), the
+closed-form H_L against autograd, and the batch policies (dropout masks, batch-norm statistics, curvature sub-batch)."""
 import pytest
 import torch
 from torch import nn
 
+from conftest import dense_matrices
+from oracles import dense_ggn, dense_gradient, dense_hessian, dense_jacobian, flat_params, rel
 from optimizers.losses import CrossEntropy, SquaredError, get_loss
 from optimizers.objective import GGN_BACKENDS, HVP_BACKENDS, Objective
 from optimizers.vec import flatten
 
 TOL = 1e-10  # relative error in float64 (issue 3 sec. 5)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm()).item()
 
 
 def tiny_mlp() -> nn.Module:
@@ -26,42 +24,44 @@ def tiny_bn_cnn() -> nn.Module:
                          nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).double().train()
 
 
-def cases():
-    g = torch.Generator().manual_seed(2)
-    yield "mlp-ce", tiny_mlp(), torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randint(0, 4, (9,), generator=g), "cross_entropy"
-    yield "mlp-mse", tiny_mlp(), torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64), "mse"
-    yield "mlp-sse", tiny_mlp(), torch.randn(9, 12, generator=g, dtype=torch.float64), torch.randn(9, 4, generator=g, dtype=torch.float64), "sse"
-    yield "bn-cnn-ce", tiny_bn_cnn(), torch.randn(6, 2, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (6,), generator=g), "cross_entropy"
-
-
-CASES = list(cases())
-
-
 @pytest.mark.parametrize("ggn_backend", GGN_BACKENDS)
 @pytest.mark.parametrize("hvp_backend", HVP_BACKENDS)
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_products_equal_explicit_matrices(case, ggn_backend, hvp_backend):
-    _, model, x, y, loss = case
-    obj = Objective(model, loss, x, y, ggn_backend=ggn_backend, hvp_backend=hvp_backend)
-    G, H = obj.ggn_matrix(), obj.hessian_matrix()
+def test_products_equal_dense_matrices(curvature_case, ggn_backend, hvp_backend):
+    """Every backend pair, every case of the shared grid, float64 and float32, against the float64 oracle."""
+    c = curvature_case
+    G, H = dense_matrices(c.name, c.dtype)
+    obj = Objective(c.model, c.loss, c.x, c.y, ggn_backend=ggn_backend, hvp_backend=hvp_backend)
     v = torch.randn(obj.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
-    assert rel(obj.ggn_vp(v), G @ v) < TOL
-    assert rel(obj.hvp(v), H @ v) < TOL
+    assert rel(obj.ggn_vp(v.to(c.dtype)).double(), G @ v) < c.tol
+    assert rel(obj.hvp(v.to(c.dtype)).double(), H @ v) < c.tol
     assert obj.stats()["curv/ggn_products"] == 1 and obj.stats()["curv/hvp_products"] == 1
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
-def test_ggn_is_symmetric_psd_and_gradient_exact(case):
-    _, model, x, y, loss = case
-    obj = Objective(model, loss, x, y)
-    G = obj.ggn_matrix()
-    assert rel(G, G.T) < 1e-14
-    assert torch.linalg.eigvalsh(G).min() > -1e-12 * G.norm()
-    # the gradient from the shared double-backward pass equals plain autograd
-    grad_shared = obj.prepare("ggn")
-    model.zero_grad()
-    get_loss(loss)(model(x), y).backward()
-    assert rel(grad_shared, flatten([p.grad for p in model.parameters()])) < 1e-14
+def test_gradient_jacobian_and_explicit_hessian_equal_dense(curvature_case):
+    c, ref = curvature_case, curvature_case.float64()
+    obj = Objective(c.model, c.loss, c.x, c.y)
+    assert rel(obj.gradient().double(), dense_gradient(ref.model, ref.loss, ref.x, ref.y)) < c.tol
+    v = torch.randn(obj.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    jac = dense_jacobian(ref.model, ref.x)
+    assert rel(obj.jvp(v.to(c.dtype)).double().reshape(-1), jac @ v) < c.tol
+    w = torch.randn(jac.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert rel(obj.vjp(w.to(c.dtype).view_as(obj.outputs())).double(), jac.T @ w) < c.tol
+    assert rel(obj.hessian_matrix().double(), dense_hessian(ref.model, ref.loss, ref.x, ref.y)) < c.tol
+
+
+@pytest.mark.parametrize("curvature", ["ggn", "hessian"])
+def test_gradient_shared_with_the_products_setup_is_exact(float64_case, curvature):
+    c = float64_case
+    obj = Objective(c.model, c.loss, c.x, c.y, ggn_backend="double_backward")
+    assert rel(obj.gradient(curvature), dense_gradient(c.model, c.loss, c.x, c.y)) < 1e-14
+
+
+def test_ggn_is_symmetric_psd(float64_case):
+    c = float64_case
+    obj = Objective(c.model, c.loss, c.x, c.y)
+    G = torch.stack([obj.ggn_vp(e) for e in torch.eye(obj.numel, dtype=torch.float64)], dim=1)
+    assert rel(G, G.T) < 1e-13
+    assert torch.linalg.eigvalsh((G + G.T) / 2).min() > -1e-12 * G.norm()
 
 
 def test_ggn_equals_hessian_for_linear_least_squares():
@@ -70,7 +70,9 @@ def test_ggn_equals_hessian_for_linear_least_squares():
     model = nn.Linear(5, 3).double()
     x, y = torch.randn(20, 5, dtype=torch.float64), torch.randn(20, 3, dtype=torch.float64)
     obj = Objective(model, "mse", x, y)
-    assert rel(obj.ggn_matrix(), obj.hessian_matrix()) < 1e-13
+    v = torch.randn(obj.numel, dtype=torch.float64)
+    assert rel(obj.ggn_vp(v), obj.hvp(v)) < 1e-13
+    assert rel(obj.ggn_vp(v), dense_hessian(model, "mse", x, y) @ v) < 1e-13
 
 
 @pytest.mark.parametrize("loss", [CrossEntropy(), SquaredError("mean"), SquaredError("sum")], ids=lambda l: l.name)
@@ -94,7 +96,7 @@ def test_products_reuse_one_forward_pass():
     model.register_forward_hook(lambda *a: calls.append(1))
     x, y = torch.randn(9, 12, dtype=torch.float64), torch.randint(0, 4, (9,))
     obj = Objective(model, "cross_entropy", x, y)
-    obj.prepare("ggn")
+    obj.gradient("ggn")
     for _ in range(5):
         obj.ggn_vp(torch.randn(obj.numel, dtype=torch.float64))
     assert len(calls) == 1
@@ -118,12 +120,16 @@ def test_dropout_masks_are_replayed_for_trial_points_and_products():
     torch.manual_seed(5)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).double()
     x, y = torch.randn(10, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    torch.manual_seed(6)
     obj = Objective(model, "cross_entropy", x, y, ggn_backend="forward_ad", hvp_backend="forward_over_reverse")
     assert obj.loss_at(torch.zeros(obj.numel, dtype=torch.float64)).item() == obj.loss().item()
     # products taken by re-running the network (forward_ad, forward-over-reverse) see the same masks as the graph
+    # (the double-backward products of a second objective whose forward drew the same masks)
+    torch.manual_seed(6)
     ref = Objective(model, "cross_entropy", x, y)
-    ref._rng, ref._outputs, ref._loss = obj._rng, obj._outputs, obj._loss
+    assert ref.loss().item() == obj.loss().item()
     v = torch.randn(obj.numel, dtype=torch.float64)
+    assert rel(obj.jvp(v), obj.jvp(v, backend="double_backward")) < 1e-13
     assert rel(obj.ggn_vp(v), ref.ggn_vp(v)) < 1e-13
     assert rel(obj.hvp(v), ref.hvp(v)) < 1e-13
 
@@ -132,10 +138,9 @@ def test_curvature_sub_batch_products_use_the_sub_batch():
     model = tiny_mlp()
     x, y = torch.randn(12, 12, dtype=torch.float64), torch.randint(0, 4, (12,))
     obj = Objective(model, "cross_entropy", x, y, curvature_batch_size=5)
-    sub = Objective(model, "cross_entropy", x[:5], y[:5])
     v = torch.randn(obj.numel, dtype=torch.float64)
-    assert rel(obj.ggn_vp(v), sub.ggn_matrix() @ v) < TOL
-    assert rel(obj.hvp(v), sub.hessian_matrix() @ v) < TOL
+    assert rel(obj.ggn_vp(v), dense_ggn(model, "cross_entropy", x[:5], y[:5]) @ v) < TOL
+    assert rel(obj.hvp(v), dense_hessian(model, "cross_entropy", x[:5], y[:5]) @ v) < TOL
     full = Objective(model, "cross_entropy", x, y)
     assert rel(obj.gradient(), full.gradient()) < 1e-14  # the gradient stays on the whole batch
 
@@ -217,7 +222,7 @@ def test_simple_cnn_b100_products_equal_explicit_matrices():
     x, y = _mnist_like(100, 6)
     obj = Objective(model, "cross_entropy", x, y)
     assert obj.numel == 3192
-    H, G = obj.hessian_matrix(), obj.ggn_matrix(chunk_size=1000)
+    H, G = dense_hessian(model, "cross_entropy", x, y), dense_ggn(model, "cross_entropy", x, y)
     assert rel(H, H.T) < 1e-12
     for seed in range(2):
         v = torch.randn(obj.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
@@ -234,8 +239,8 @@ def test_mlp_products_equal_explicit_matrices():
     x, y = torch.randn(32, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (32,), generator=g)
     obj = Objective(model, "cross_entropy", x, y)
     v = torch.randn(obj.numel, dtype=torch.float64, generator=g)
-    assert rel(obj.hvp(v), obj.hessian_matrix() @ v) < TOL
-    assert rel(obj.ggn_vp(v), obj.ggn_matrix() @ v) < TOL
+    assert rel(obj.hvp(v), dense_hessian(model, "cross_entropy", x, y) @ v) < TOL
+    assert rel(obj.ggn_vp(v), dense_ggn(model, "cross_entropy", x, y) @ v) < TOL
 
 
 def test_cifar_basic_cnn_with_batch_norm_products():
@@ -248,14 +253,10 @@ def test_cifar_basic_cnn_with_batch_norm_products():
     x, y = torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64), torch.randint(0, 10, (4,), generator=g)
     obj = Objective(model, "cross_entropy", x, y)
     names = obj.names
-    flat0 = flatten([p.detach() for p in obj.params])
-
-    def outputs_of(w):
-        from optimizers.vec import unflatten
-        return obj._call(dict(zip(names, unflatten(w, obj.params))), x)
-
-    jac = torch.func.jacrev(outputs_of)(flat0).reshape(-1, obj.numel)  # (B*o, p), independent of the products
-    blocks = torch.block_diag(*obj.loss_fn.hessian_blocks(obj.outputs(), y))
+    flat0 = flat_params(model)
+    jac = dense_jacobian(model, x)  # (B*o, p), independent of the products
+    f = obj.outputs()
+    blocks = torch.func.hessian(lambda out: nn.functional.cross_entropy(out, y))(f).reshape(f.numel(), f.numel())
     v = torch.randn(obj.numel, dtype=torch.float64, generator=g)
     assert rel(obj.ggn_vp(v), jac.T @ (blocks @ (jac @ v))) < TOL
 
@@ -264,12 +265,14 @@ def test_cifar_basic_cnn_with_batch_norm_products():
     sizes = [obj.params[i].numel() for i in range(len(names))]
     offsets = torch.tensor([0] + sizes).cumsum(0)
     idx = torch.cat([torch.arange(offsets[i], offsets[i + 1]) for i in last])
-    fixed = {n: p.detach() for n, p in zip(names, obj.params)}
+    from oracles import loss_fn
+
+    full_loss = loss_fn(model, "cross_entropy", x, y)
 
     def loss_of_block(wb):
-        from optimizers.vec import unflatten
-        block = dict(zip([names[i] for i in last], unflatten(wb, [obj.params[i] for i in last])))
-        return obj.loss_fn(obj._call({**fixed, **block}, x), y)
+        w = flat0.clone()
+        w[idx] = wb
+        return full_loss(w)
 
     H_block = torch.func.hessian(loss_of_block)(flat0[idx])
     vb = torch.zeros(obj.numel, dtype=torch.float64)
@@ -277,12 +280,42 @@ def test_cifar_basic_cnn_with_batch_norm_products():
     assert rel(obj.hvp(vb)[idx], H_block @ vb[idx]) < TOL
     # and the full H v agrees with the independent functorch forward-over-reverse product
     fo = Objective(model, "cross_entropy", x, y, hvp_backend="forward_over_reverse")
-    fo._rng, fo._outputs, fo._loss = obj._rng, obj._outputs, obj._loss
     assert rel(obj.hvp(v), fo.hvp(v)) < TOL
 
 
 def test_auto_backend_picks_forward_ad_for_conv_nets_and_double_backward_otherwise():
     x, y = torch.randn(4, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (4,))
-    assert Objective(tiny_bn_cnn(), "cross_entropy", x, y).ggn_method == "forward_ad"
-    assert Objective(tiny_mlp(), "cross_entropy", torch.randn(4, 12), torch.randint(0, 4, (4,))).ggn_method == "double_backward"
-    assert Objective(tiny_mlp(), "cross_entropy", x, y, ggn_backend="linearize").ggn_method == "linearize"
+    assert Objective(tiny_bn_cnn(), "cross_entropy", x, y).jacobian_backend == "forward_ad"
+    assert Objective(tiny_mlp(), "cross_entropy", torch.randn(4, 12), torch.randint(0, 4, (4,))).jacobian_backend == "double_backward"
+    assert Objective(tiny_mlp(), "cross_entropy", x, y, ggn_backend="linearize").jacobian_backend == "linearize"
+
+
+def test_in_place_parameter_moves_are_noticed_without_a_call_order():
+    """Caches belong to the parameters they were computed at: an in-place update (as torch.optim makes) drops them,
+    and the re-evaluation uses the same dropout masks and leaves batch-norm running statistics alone."""
+    model = tiny_bn_cnn()
+    x, y = torch.randn(6, 2, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    obj = Objective(model, "cross_entropy", x, y)
+    g0 = obj.gradient()
+    stats = model[1].running_mean.clone()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.1)
+    assert torch.equal(model[1].running_mean, stats)
+    moved = obj.gradient()
+    assert not torch.equal(moved, g0)
+    fresh = Objective(model, "cross_entropy", x, y)
+    fresh.loss()
+    assert rel(moved, fresh.gradient()) < 1e-14
+
+
+def test_forward_with_jvp_matches_jvp_and_falls_back_after_the_forward():
+    model = tiny_mlp()
+    x, y = torch.randn(9, 12, dtype=torch.float64), torch.randint(0, 4, (9,))
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    fused = Objective(model, "cross_entropy", x, y)
+    jv = fused.forward_with_jvp(v)
+    plain = Objective(model, "cross_entropy", x, y)
+    assert rel(jv, plain.jvp(v)) < 1e-14
+    assert rel(plain.forward_with_jvp(v), jv) < 1e-14  # the forward ran already: an ordinary jvp
+    assert fused.loss().item() == plain.loss().item()

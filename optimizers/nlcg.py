@@ -1,0 +1,144 @@
+"""Non-linear conjugate gradient (Nocedal & Wright 2006, "Numerical Optimization", sec. 5.2), as seed 001 (Veitch,
+"Second order optimisation methods in deep learning with applications on the Fashion MNIST dataset") uses scipy's
+``minimize(method="CG")``. Like L-BFGS it needs a full batch or fixed batches (seed 001 eq. 28): resampled batches
+break conjugacy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim.lbfgs import _strong_wolfe
+
+from optimizers.base import Optimizer, clone_state
+from optimizers.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
+from optimizers.line_search import LineSearchOptions, armijo_with
+from optimizers.objective import Objective
+
+BETA_RULES = ("pr", "fr", "hs")
+LINE_SEARCHES = ("strong_wolfe", "armijo")
+_OPEN = dict(low_open=True, high_open=True)
+
+
+@dataclass(frozen=True)
+class NLCGOptions(LineSearchOptions):
+    """Line-search defaults: scipy's CG (c1 = 1e-4, c2 = 0.4, initial rate capped at 1)."""
+
+    beta_rule: str = option("pr", one_of(*BETA_RULES))  # pr (Polak-Ribiere) | fr (Fletcher-Reeves) | hs (Hestenes-S.)
+    clip_beta: bool = option(True, boolean)            # beta = max(0, beta) (PR+, Gilbert & Nocedal 1992)
+    line_search: str = option("strong_wolfe", one_of(*LINE_SEARCHES))
+    restart_every: int | None = option(None, optional(positive_int))  # restart period; null = number of parameters
+    descent_tol: float = option(0.01, in_range(0, 1, high_open=True))  # restart when g^T d > -descent_tol |g|^2
+    ls_c: float = option(1e-4, in_range(0, 1, **_OPEN))   # sufficient-decrease (Armijo) constant c1
+    ls_c2: float = option(0.4, in_range(0, 1, **_OPEN))   # strong Wolfe curvature constant c2 (N&W suggest 0.1)
+    ls_max_evals: int = option(25, positive_int)          # loss evaluations per line search
+    ls_tolerance_change: float = option(1e-9, nonnegative)  # strong Wolfe: stop when the bracket is this narrow
+
+    def validate(self) -> None:
+        super().validate()
+        if self.line_search == "strong_wolfe" and not self.ls_c < self.ls_c2:
+            fail(self.key("ls_c2"), self.ls_c2, f"must exceed {self.key('ls_c')}={self.ls_c} (strong Wolfe needs "
+                 "c1 < c2 < 1).")
+
+
+class NLCG(Optimizer):
+    """Non-linear conjugate gradient with Polak-Ribiere+ directions and restarts: one iteration per step.
+
+        beta_PR = g^T (g - g_prev) / |g_prev|^2,   beta = max(0, beta)  (PR+, Gilbert & Nocedal 1992),
+        d = -g + beta d_prev,
+    restarting with d = -g every ``restart_every`` steps (default: the number of parameters) and whenever d fails
+    scipy's sufficient-descent test g^T d <= -descent_tol |g|^2. Line search: strong Wolfe (torch's ``_strong_wolfe``,
+    cubic interpolation) or Armijo backtracking. The first trial rate is scipy's min(1, 1.01 * 2 (f - f_prev) / g^T d)
+    (Nocedal & Wright eq. 3.60), 1.01/|g| on the first step, capped at ``ls_initial_rate``.
+
+    Statistics: ``loss``, ``loss_after``, ``beta``, ``restart`` (0/1), ``line_search/rate``, ``line_search/evals``,
+    ``grad_norm``.
+    """
+
+    Options = NLCGOptions
+
+    def __init__(self, params, **options: Any):
+        super().__init__(params, **options)
+        self.prev_grad: Tensor | None = None
+        self.prev_dir: Tensor | None = None
+        self.prev_loss: Tensor | None = None
+        self.since_restart = 0
+
+    def update(self, objective: Objective) -> dict[str, Any]:
+        loss, g = objective.loss(), objective.gradient()
+        gg = g.dot(g)
+        d, gtd, beta, restart = self._direction(g, gg)
+        stats: dict[str, Any] = {"loss": loss, "beta": beta, "restart": int(restart), "grad_norm": gg.sqrt()}
+        if not bool(gtd < 0):  # zero gradient: nothing to do
+            rate, loss_after, evals = 0.0, loss, 0
+        else:
+            rate, loss_after, evals = self._search(objective, d, loss, g, gg, gtd)
+        stats.update({"loss_after": loss_after, "line_search/rate": rate, "line_search/evals": evals})
+        if rate > 0:
+            objective.apply(d, alpha=rate)
+        # no move (failed search or zero gradient) makes the next step restart along -g
+        self.prev_grad, self.prev_loss = g.detach().clone(), loss.detach().clone()
+        self.prev_dir = d.detach().clone() if rate > 0 else None
+        self.since_restart = 1 if restart else self.since_restart + 1
+        return {**stats, **objective.stats()}
+
+    def _direction(self, g: Tensor, gg: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """d = -g + beta d_prev, or -g on a restart; with g^T d, beta and whether it restarted."""
+        period = self.options.restart_every or g.numel()
+        if self.prev_dir is not None and self.since_restart < period:
+            beta = self._beta(g)
+            d = -g + beta * self.prev_dir
+            gtd = g.dot(d)
+            if not bool(gtd > -self.options.descent_tol * gg):  # a sufficient descent direction
+                return d, gtd, beta, False
+        return -g, -gg, torch.zeros_like(gg), True
+
+    def _beta(self, g: Tensor) -> Tensor:
+        g_prev, d_prev = self.prev_grad, self.prev_dir
+        if self.options.beta_rule == "fr":
+            beta = g.dot(g) / g_prev.dot(g_prev)
+        elif self.options.beta_rule == "pr":
+            beta = g.dot(g - g_prev) / g_prev.dot(g_prev)
+        else:
+            y = g - g_prev
+            beta = g.dot(y) / d_prev.dot(y)
+        if self.options.clip_beta:
+            beta = beta.clamp(min=0.0)
+        return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
+
+    def _search(self, objective: Objective, d: Tensor, loss: Tensor, g: Tensor, gg: Tensor,
+                gtd: Tensor) -> tuple[float, Any, int]:
+        """(rate, loss at the new point, evaluations) along d."""
+        o = self.options
+        rate0 = self._initial_rate(loss, gg, gtd)
+        if o.line_search == "armijo":
+            result = armijo_with(o, objective, d, loss0=loss, slope=gtd, initial=rate0)
+            return result.rate, result.loss, result.evals
+
+        def along(_x: Any, t: float, direction: Tensor) -> tuple[float, Tensor]:
+            value, grad = objective.loss_and_gradient_at(t * direction)
+            return float(value), grad
+
+        loss_after, _, rate, evals = _strong_wolfe(along, None, rate0, d, float(loss), g, gtd, c1=o.ls_c, c2=o.ls_c2,
+                                                   tolerance_change=o.ls_tolerance_change, max_ls=o.ls_max_evals)
+        return float(rate), float(loss_after), evals  # floats: the search ran on the host anyway
+
+    def _initial_rate(self, loss: Tensor, gg: Tensor, gtd: Tensor) -> float:
+        if self.prev_loss is None:
+            rate = 1.01 / float(gg.sqrt())  # scipy: f_prev = f + |g| / 2 "sets the initial step guess to dx ~ 1"
+        else:
+            rate = 1.01 * 2.0 * float(loss - self.prev_loss) / float(gtd)
+            if not rate > 0:
+                rate = 1.0
+        return min(rate, self.options.ls_initial_rate)
+
+    def state_dict(self) -> dict[str, Any]:
+        return clone_state({"steps": self.steps, "prev_grad": self.prev_grad, "prev_dir": self.prev_dir,
+                            "prev_loss": self.prev_loss, "since_restart": self.since_restart})
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        state = clone_state(state)
+        self.steps, self.since_restart = int(state["steps"]), int(state["since_restart"])
+        self.prev_grad, self.prev_dir, self.prev_loss = state["prev_grad"], state["prev_dir"], state["prev_loss"]
