@@ -38,37 +38,17 @@ def make_schedule(
     return multiplier
 
 
-# ---------------------------------------------------------------------------------------------- options and mixin
-# The schedule's hyperparameters, written once for every method that has a learning rate built on the Options records
-# (optimizers.checks); ``Scheduled`` gives such a method the runner's ``configure`` hook and the current multiplier.
-from dataclasses import dataclass  # noqa: E402
-
-from optimizers.base import OptimizerOptions  # noqa: E402
-from optimizers.checks import in_range, nonnegative_int, one_of, option, positive, sequence_of  # noqa: E402
-
-
-@dataclass(frozen=True)
-class ScheduleOptions(OptimizerOptions):
-    """Learning-rate schedule keys (the same names as SGD's and Adam's)."""
-
-    schedule: str = option("constant", one_of(*SCHEDULES))  # lr multiplier: constant | cosine | linear | step
-    warmup_steps: int = option(0, nonnegative_int)  # linear warm-up of the rate over this many steps
-    milestones: list = option([0.5, 0.75], sequence_of(in_range(0.0, 1.0)))  # step: fractions of the run
-    gamma: float = option(0.1, positive)  # step: the rate is multiplied by gamma at each milestone
-
-
+# ---------------------------------------------------------------------------------------------- mixin
 class Scheduled:
-    """Mixin for an Optimizer whose Options derive from ScheduleOptions: ``configure`` and ``lr_scale()``."""
+    """Mixin for an Optimizer whose Options derive from ``first_order.ScheduleOptions``: the runner's ``configure``
+    hook and the multiplier of the base rate at the current step."""
 
     _multiplier: Callable[[int], float] | None = None
 
     def configure(self, *, total_steps: int | None = None) -> None:
-        o = self.options
-        self._multiplier = make_schedule(o.schedule, total_steps=total_steps, warmup_steps=o.warmup_steps,
-                                         milestones=o.milestones, gamma=o.gamma)
+        self._multiplier = make_schedule(total_steps=total_steps, **self.options.schedule_kwargs())
 
     def lr_scale(self) -> float:
-        """The multiplier of the base rate at the current step (``configure`` first for a decaying schedule)."""
         if self._multiplier is None:
-            self.configure(total_steps=None)  # constant: fine; otherwise make_schedule's "needs total steps" error
+            self.configure(total_steps=None)  # constant: fine; a decaying schedule: the "needs total steps" error
         return self._multiplier(self.steps)

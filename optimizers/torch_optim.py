@@ -1,11 +1,12 @@
 """Any ``torch.optim.Optimizer`` subclass behind the step contract, by import path.
 
-    python run.py optimizer=torch_optim optimizer.cls=torch.optim.RMSprop +optimizer.options.alpha=0.9
-    python run.py optimizer=soap                    # conf/optimizer/soap.yaml: pytorch_optimizer.SOAP through this
+    python run.py optimizer=torch_optim optimizer.cls=torch.optim.RMSprop optimizer.lr=1e-3 +optimizer.options.alpha=0.9
+    python run.py optimizer=soap optimizer.lr=3e-3  # conf/optimizer/soap.yaml: pytorch_optimizer.SOAP through this
 
-``cls`` is imported and built as ``cls(params, **options)``; ``options`` are its own keyword arguments (learning
-rate included), checked against its signature, so a misspelled key names ``optimizer.options.<key>``. The adapter's
-own keys (``backward``, the schedule, ``weight_decay``) live beside them. How a step reaches the gradient
+``cls`` is imported and built as ``cls(params, lr=lr, **options)``. ``lr`` is the base rate of every parameter group
+(the schedule multiplies it, as for SGD and Adam); ``options`` are the class's other keyword arguments, checked
+against its signature, so a misspelled key names ``optimizer.options.<key>``. The adapter's own keys (``lr``,
+``backward``, the schedule, ``weight_decay``) live beside them. How a step reaches the gradient
 (``backward``):
 
 * ``plain``: ``objective.backward()`` fills ``p.grad`` (the Objective's one forward and backward), then ``step()``.
@@ -20,8 +21,8 @@ own keys (``backward``, the schedule, ``weight_decay``) live beside them. How a 
   class documents ``backward(create_graph=True)`` (pytorch-optimizer's AdaHessian and SophiaH), else ``plain``.
 
 Weight decay (``weight_decay``) is the library's shared L2 (gradient + eta w, base class); a package's own
-``options.weight_decay`` is that package's (often decoupled) decay. The schedule multiplies every parameter group's
-initial ``lr``. ``state_dict`` holds the wrapped optimiser's own state dict (copied).
+``options.weight_decay`` is that package's (often decoupled) decay. ``state_dict`` holds the wrapped optimiser's own
+state dict (copied).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
 from optimizers.checks import OptionError, boolean, check_call, fail, one_of, option
-from optimizers.schedules import ScheduleOptions, Scheduled
+from optimizers.first_order import ScheduleOptions
+from optimizers.schedules import Scheduled
 from optimizers.vec import unflatten
 
 BACKWARDS = ("auto", "plain", "closure", "create_graph")
@@ -47,14 +49,17 @@ BACKWARDS = ("auto", "plain", "closure", "create_graph")
 @dataclass(frozen=True)
 class TorchOptimOptions(ScheduleOptions):
     cls: str = option("torch.optim.SGD")  # import path of a torch.optim.Optimizer subclass, e.g. heavyball.SOAP
-    options: dict = option({})  # keyword arguments of cls (lr, betas, ...), checked against its signature
+    options: dict = option({})  # keyword arguments of cls besides params and lr, checked against its signature
     backward: str = option("auto", one_of(*BACKWARDS))  # auto | plain | closure | create_graph (module docstring)
     check_options: bool = option(True, boolean)  # reject options that are not named arguments of cls.__init__
 
     def validate(self) -> None:
         resolve_class(self.cls)
         if not isinstance(self.options, Mapping):
-            fail(self.key("options"), self.options, "must be a mapping of keyword arguments, e.g. {lr: 0.01}.")
+            fail(self.key("options"), self.options, "must be a mapping of keyword arguments, e.g. {momentum: 0.9}.")
+        if "lr" in self.options:
+            fail(self.key("options.lr"), self.options["lr"], "is not used: the learning rate is optimizer.lr (the "
+                                                             "base rate of every parameter group, as for SGD and Adam).")
 
 
 def resolve_class(path: Any) -> type:
@@ -83,10 +88,10 @@ class TorchOptim(Scheduled, Optimizer):
         cls = resolve_class(self.options.cls)
         kwargs = _checked_kwargs(cls, self.options.cls, dict(self.options.options), self.options.check_options)
         try:
-            self.inner = cls(self.params, **kwargs)
+            self.inner = cls(self.params, lr=self.options.lr, **kwargs)
         except (TypeError, ValueError) as exc:
-            raise OptionError(f"optimizer.options={_show(kwargs)} were rejected by {self.options.cls}: {exc}") from exc
-        self.base_lrs = [group.get("lr") for group in self.inner.param_groups]
+            raise OptionError(f"{self.options.cls} rejected optimizer.lr={self.options.lr} with optimizer.options="
+                              f"{_show(kwargs)}: {exc}") from exc
         self.mode = self.options.backward if self.options.backward != "auto" else auto_backward(cls)
 
     def update(self, objective: Any) -> dict[str, Any]:
@@ -100,17 +105,13 @@ class TorchOptim(Scheduled, Optimizer):
             loss, stats["closure_evals"] = self._closure_step(objective)
         else:
             loss = self._create_graph_step(objective)
-        return {"loss": loss, **({"lr": lr} if lr is not None else {}), **stats}
+        return {"loss": loss, "lr": lr, **stats}
 
-    def _set_lr(self) -> float | None:
-        scale = self.lr_scale()
-        if scale != 1.0 and None in self.base_lrs:
-            raise OptionError(f"optimizer.schedule={self.options.schedule}: {self.options.cls} has no 'lr' in its "
-                              "parameter groups to schedule.")
-        for group, base in zip(self.inner.param_groups, self.base_lrs):
-            if base is not None:
-                group["lr"] = base * scale
-        return None if self.base_lrs[0] is None else float(self.base_lrs[0]) * scale
+    def _set_lr(self) -> float:
+        lr = self.options.lr * self.lr_scale()
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        return lr
 
     def _closure_step(self, objective: Any) -> tuple[Tensor, int]:
         calls: list[Tensor] = []
@@ -169,8 +170,8 @@ def _checked_kwargs(cls: type, path: str, kwargs: dict[str, Any], strict: bool) 
     """``kwargs`` checked against ``cls.__init__``: names (``strict``: even when it also takes **kwargs, which many
     packages swallow silently) and the types its annotations state."""
     params = inspect.signature(cls.__init__).parameters
-    valid = [n for n, p in params.items() if n not in ("self", "params") and p.kind in (p.POSITIONAL_OR_KEYWORD,
-                                                                                         p.KEYWORD_ONLY)]
+    valid = [n for n, p in params.items() if n not in ("self", "params", "lr") and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                               p.KEYWORD_ONLY)]
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     unknown = [k for k in kwargs if k not in valid]
     if unknown and (strict or not open_kwargs):
@@ -181,7 +182,7 @@ def _checked_kwargs(cls: type, path: str, kwargs: dict[str, Any], strict: bool) 
         kwargs, extra = {k: v for k, v in kwargs.items() if k in valid}, {k: kwargs[k] for k in unknown}
     else:
         extra = {}
-    checked = {**check_call("optimizer.options", cls.__init__, kwargs, supplied=("self", "params")), **extra}
+    checked = {**check_call("optimizer.options", cls.__init__, kwargs, supplied=("self", "params", "lr")), **extra}
     return {k: tuple(v) if isinstance(v, list) else v for k, v in checked.items()}  # betas=[0.9, 0.99] -> tuple
 
 

@@ -142,13 +142,13 @@ def kfac_and_external_rows(model, x, y, repeats: int, device: torch.device) -> l
         rows.append((label, median_time(steps(opt), repeats, device)))  # the warm-up step makes the factors
     opt = KFAC(model.parameters(), lr=1e-4)
     rows.append(("K-FAC step, defaults (mean of 10: inverse every 10)", median_time(steps(opt, 10), max(1, repeats // 3), device) / 10))
-    external = [("torch.optim.LBFGS", {"lr": 1e-3, "history_size": 10}), ("pytorch_optimizer.SOAP", {}),
+    external = [("torch.optim.LBFGS", {"history_size": 10}), ("pytorch_optimizer.SOAP", {}),
                 ("pytorch_optimizer.ScalableShampoo", {"preconditioning_compute_steps": 1}),
                 ("pytorch_optimizer.Kron", {}), ("pytorch_optimizer.AdaHessian", {}),
                 ("pytorch_optimizer.SophiaH", {"update_period": 1}), ("heavyball.SOAP", {})]
     for path, options in external:
         try:
-            opt = TorchOptim(model.parameters(), cls=path, options={"lr": 1e-4, **options})
+            opt = TorchOptim(model.parameters(), cls=path, lr=1e-4, options=options)
         except ValueError as exc:  # package not installed
             print(f"skipped {path}: {exc}")
             continue

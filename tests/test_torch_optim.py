@@ -65,18 +65,17 @@ def eager_heavyball():
 
 @pytest.mark.parametrize("case", ["momentum", "nesterov_torch_decay", "library_decay", "cosine"])
 def test_torch_sgd_through_the_adapter_is_bit_identical_to_the_builtin(case):
-    hyper = {"lr": 0.05, "momentum": 0.9}
-    builtin_extra, adapter_extra, options = {}, {}, dict(hyper)
-    if case == "nesterov_torch_decay":  # the package's own decay: torch's weight_decay argument on both sides
+    builtin_extra, adapter_extra, options = {}, {}, {"momentum": 0.9}
+    if case == "nesterov_torch_decay":  # torch's own coupled decay against the library's: the same arithmetic
         builtin_extra = {"nesterov": True, "weight_decay": 1e-3}
         options.update(nesterov=True, weight_decay=1e-3)
-    elif case == "library_decay":  # the library's L2 (wrapper) against torch's coupled decay: the same arithmetic
+    elif case == "library_decay":  # the library's L2 (wrapper) on both sides
         builtin_extra, adapter_extra = {"weight_decay": 1e-3}, {"weight_decay": 1e-3}
     elif case == "cosine":
         builtin_extra, adapter_extra = {"schedule": "cosine"}, {"schedule": "cosine"}
     a, b = mlp(), mlp()
-    builtin = SGD(a.parameters(), **hyper, **builtin_extra)
-    adapter = TorchOptim(b.parameters(), cls="torch.optim.SGD", options=options, **adapter_extra)
+    builtin = SGD(a.parameters(), lr=0.05, momentum=0.9, **builtin_extra)
+    adapter = TorchOptim(b.parameters(), cls="torch.optim.SGD", lr=0.05, options=options, **adapter_extra)
     for opt in (builtin, adapter):
         opt.configure(total_steps=6)
     for x, y in batches():
@@ -101,7 +100,7 @@ def test_lbfgs_with_a_closure_reaches_scipys_regularised_logistic_regression_min
     # max_iter=20 per step: torch's L-BFGS with max_iter=1 can stall on a failed line search (t = 0) near the
     # minimum, through this adapter and with a hand-written closure alike.
     opt = TorchOptim(model.parameters(), cls="torch.optim.LBFGS", weight_decay=eta,
-                     options={"lr": 1.0, "max_iter": 20, "history_size": 10, "line_search_fn": "strong_wolfe"})
+                     lr=1.0, options={"max_iter": 20, "history_size": 10, "line_search_fn": "strong_wolfe"})
     assert opt.mode == "closure"  # auto: torch.optim.LBFGS.step requires a closure
     evals = []
     for _ in range(5):
@@ -140,7 +139,7 @@ def test_adahessian_reads_the_exact_hessian_diagonal_through_create_graph():
     pytest.importorskip("pytorch_optimizer")
     d = torch.tensor([1.0, 4.0, 9.0, 0.5], dtype=F64)
     model = DiagonalQuadratic(d)
-    opt = TorchOptim(model.parameters(), cls="pytorch_optimizer.AdaHessian", options={"lr": 0.1})
+    opt = TorchOptim(model.parameters(), cls="pytorch_optimizer.AdaHessian", lr=0.1)
     assert opt.mode == "create_graph"  # auto: the class documents backward(create_graph=True)
     x, y = torch.zeros(1, 1, dtype=F64), torch.zeros(1, 4, dtype=F64)
     exact = torch.autograd.functional.hessian(lambda w: ((w * d.sqrt()) ** 2).sum(), torch.ones(4, dtype=F64))
@@ -153,7 +152,7 @@ def test_adahessian_reads_the_exact_hessian_diagonal_through_create_graph():
 def test_a_hessian_diagonal_method_trains_for_a_few_steps():
     pytest.importorskip("pytorch_optimizer")
     model = mlp()
-    opt = TorchOptim(model.parameters(), cls="pytorch_optimizer.SophiaH", options={"lr": 1.0, "update_period": 1})
+    opt = TorchOptim(model.parameters(), cls="pytorch_optimizer.SophiaH", lr=1.0, options={"update_period": 1})
     x, y = batches(1, 64)[0]
     losses = [float(opt.step(Objective(model, "cross_entropy", x, y))["loss"]) for _ in range(8)]
     assert losses[-1] < losses[0] - 0.05, losses  # measured: 1.192 -> 1.087 (Sophia clips every coordinate's step)
@@ -199,7 +198,7 @@ def test_external_config_trains_mnist_for_a_few_real_steps(name, tmp_path, eager
 def test_heavyball_compiled_with_torch_compile_takes_real_steps():
     pytest.importorskip("heavyball", reason="heavyball needs Python >= 3.11 (the optimizers extra)")
     model = mlp()
-    opt = TorchOptim(model.parameters(), cls="heavyball.SOAP", options={"lr": 0.01})
+    opt = TorchOptim(model.parameters(), cls="heavyball.SOAP", lr=0.01)
     x, y = batches(1, 64)[0]
     losses = [float(opt.step(Objective(model, "cross_entropy", x, y))["loss"]) for _ in range(4)]
     assert losses[-1] < losses[0], losses
@@ -218,9 +217,8 @@ def test_state_dict_round_trips_bit_for_bit(cls, eager_heavyball):
         for x, y in chunk:
             opt.step(Objective(model, "cross_entropy", x, y))
 
-    options = {"lr": 0.01}
     model = mlp()
-    opt = TorchOptim(model.parameters(), cls=cls, options=options)
+    opt = TorchOptim(model.parameters(), cls=cls, lr=0.01)
     run(opt, model, data[:3])
     buffer = io.BytesIO()
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": torch.get_rng_state()}, buffer)
@@ -229,7 +227,7 @@ def test_state_dict_round_trips_bit_for_bit(cls, eager_heavyball):
     saved = torch.load(buffer, weights_only=True)
     resumed = mlp(seed=5)
     resumed.load_state_dict(saved["model"])
-    opt2 = TorchOptim(resumed.parameters(), cls=cls, options=options)
+    opt2 = TorchOptim(resumed.parameters(), cls=cls, lr=0.01)
     opt2.load_state_dict(saved["optimizer"])
     torch.set_rng_state(saved["rng"])  # Kron updates its preconditioner with a random probability
     run(opt2, resumed, data[3:])
@@ -239,7 +237,7 @@ def test_state_dict_round_trips_bit_for_bit(cls, eager_heavyball):
 
 def test_a_step_schedule_scales_every_parameter_group():
     model = mlp()
-    opt = TorchOptim(model.parameters(), cls="torch.optim.Adam", options={"lr": 0.01}, schedule="step",
+    opt = TorchOptim(model.parameters(), cls="torch.optim.Adam", lr=0.01, schedule="step",
                      milestones=[0.5], gamma=0.1)
     opt.configure(total_steps=4)
     lrs = [opt.step(Objective(model, "cross_entropy", x, y))["lr"] for x, y in batches(4)]
@@ -253,16 +251,17 @@ def test_a_step_schedule_scales_every_parameter_group():
     ({"cls": "torch.nn.Linear"}, r"optimizer\.cls=torch\.nn\.Linear is not a torch\.optim\.Optimizer subclass\."),
     ({"cls": "SGD"}, r"optimizer\.cls=SGD must be the import path of a torch\.optim\.Optimizer subclass"),
     ({"cls": "torch.optim.Adam", "options": {"betaz": [0.9, 0.99]}},
-     r"optimizer\.options\.betaz is not an argument of torch\.optim\.Adam\. Valid keys: lr, betas, eps"),
-    ({"cls": "pytorch_optimizer.SOAP", "options": {"lrr": 0.1}},
-     r"optimizer\.options\.lrr is not an argument of pytorch_optimizer\.SOAP \(it also takes \*\*kwargs: set "
+     r"optimizer\.options\.betaz is not an argument of torch\.optim\.Adam\. Valid keys: betas, eps"),
+    ({"cls": "pytorch_optimizer.SOAP", "options": {"beta": 0.1}},
+     r"optimizer\.options\.beta is not an argument of pytorch_optimizer\.SOAP \(it also takes \*\*kwargs: set "
      r"optimizer\.check_options=false"),
-    ({"cls": "torch.optim.SGD", "options": {"lr": -1.0}},
-     r"optimizer\.options=\{lr: -1\.0\} were rejected by torch\.optim\.SGD: Invalid learning rate"),
+    ({"cls": "torch.optim.SGD", "options": {"momentum": -1.0}},
+     r"torch\.optim\.SGD rejected optimizer\.lr=0\.1 with optimizer\.options=\{momentum: -1\.0\}: Invalid momentum"),
+    ({"options": {"lr": 0.1}}, r"optimizer\.options\.lr=0\.1 is not used: the learning rate is optimizer\.lr"),
     ({"cls": "torch.optim.SGD", "options": {"nesterov": "yes"}}, r"optimizer\.options\.nesterov=yes must be true or false"),
     ({"backward": "double"}, r"optimizer\.backward=double is not one of: auto, plain, closure, create_graph\."),
     ({"options": [1, 2]}, r"optimizer\.options=\[1,2\] must be a mapping of keyword arguments"),
-    ({"lr": 0.1}, r"optimizer\.lr is not an option of TorchOptim\. Valid keys: weight_decay, schedule"),
+    ({"rate": 0.1}, r"optimizer\.rate is not an option of TorchOptim\. Valid keys: weight_decay, lr, schedule"),
 ])
 def test_bad_classes_and_options_name_the_key(options, message):
     with pytest.raises(OptionError, match=message):

@@ -83,44 +83,60 @@ def covered_layers(model: nn.Module, params: Sequence[Tensor]) -> dict[str, Laye
 
 
 class _Call:
-    """One forward call of a layer: its input, and the gradients that reached its output while recording."""
+    """One forward call of a layer: its input, its output (graph kept), the output gradients recorded for it."""
 
-    __slots__ = ("inputs", "grads")
+    __slots__ = ("inputs", "output", "grads")
 
-    def __init__(self, inputs: Tensor):
-        self.inputs, self.grads = inputs, []
+    def __init__(self, inputs: Tensor, output: Tensor):
+        self.inputs, self.output, self.grads = inputs, output, []
 
 
 class Capture:
-    """Forward hooks on the covered layers, registered for the duration of a ``with`` block.
+    """Forward hooks on the model and the covered layers, registered for the duration of a ``with`` block.
 
-    Each forward call records the layer's input and puts a tensor hook on its output; the output gradients of the
-    backward passes taken inside ``recording()`` are kept with that call. Pairing every gradient with its own call
-    keeps the statistics right when several forwards run (the Objective's curvature sub-batch).
+    Each forward call of a covered layer records its input and output; the model's hook keeps the network's output
+    (with its graph). Output gradients reach the calls in two ways:
+
+    * ``recording()``: a tensor hook on every recorded output keeps the gradients of the backward passes run inside
+      the block (the empirical Fisher: the Objective's own ``backward()``, no extra pass);
+    * ``backward(signal)``: one backward pass of an output-space signal from the network's output to the layer
+      outputs only (no parameter gradients), for the sampled Fisher and the loss-Hessian square root.
+
+    Pairing each gradient with its own call keeps the statistics right if a layer runs more than once.
     """
 
-    def __init__(self, layers: dict[str, Layer]):
-        self.layers = layers
+    def __init__(self, model: nn.Module, layers: dict[str, Layer]):
+        self.model, self.layers = model, layers
         self.calls: dict[str, list[_Call]] = {name: [] for name in layers}
+        self.network_output: Tensor | None = None
         self._recording = False
         self._handles: list = []
 
     def __enter__(self) -> Capture:
         self._handles = [layer.module.register_forward_hook(functools.partial(self._forward, name))
                          for name, layer in self.layers.items()]
+        self._handles.append(self.model.register_forward_hook(self._network))
         return self
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.network_output = None
+        for calls in self.calls.values():
+            for call in calls:
+                call.output = None  # release the graph
 
     def _forward(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        call = _Call(args[0].detach())
+        call = _Call(args[0].detach(), output)
         output.register_hook(functools.partial(self._backward, call))
         self.calls[name].append(call)
+
+    def _network(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            self.network_output = output
 
     def _backward(self, call: _Call, grad: Tensor) -> None:
         if self._recording:
@@ -134,6 +150,18 @@ class Capture:
             yield
         finally:
             self._recording = False
+
+    def backward(self, signal: Tensor) -> None:
+        """J_s^T signal for every recorded layer output s: a backward pass that stops at the covered layers."""
+        if self.network_output is None:
+            raise RuntimeError("K-FAC's hooks saw no forward pass of the model inside step(): the objective's forward "
+                               "must run inside step() (one fresh Objective per step).")
+        calls = [c for cs in self.calls.values() for c in cs if c.output is not None]
+        grads = torch.autograd.grad(self.network_output, [c.output for c in calls], signal, retain_graph=True,
+                                    allow_unused=True)
+        for call, g in zip(calls, grads):
+            if g is not None:
+                call.grads.append(g)
 
 
 def layer_inputs(layer: Layer, a: Tensor) -> Tensor:

@@ -4,8 +4,10 @@ One step (``update``), with lr the scheduled learning rate and gamma the damping
 
 1. factor step (every ``factor_every`` steps): hooks on the covered layers read the Objective's own forward and the
    backward pass(es) of the chosen Fisher type (fisher.py), and the batch's A and G (factors.py) are averaged over
-   data-parallel ranks (one ``objective.reduce`` of their concatenation) and into the moving averages;
-   then the gradient, by ``objective.backward()`` (the empirical Fisher's backward IS this one: no extra pass);
+   data-parallel ranks (one ``objective.reduce`` of their concatenation) and into the moving averages. The gradient
+   comes from ``objective.backward()``; the empirical Fisher's output gradients are that backward's own (no extra
+   pass), the sampled Fisher's take one extra backward from the network output to the layer outputs (no parameter
+   gradients), the GGN type's one such pass per output;
 2. inverse step (every ``inverse_every`` steps): eigendecompositions of every A and G (preconditioner.py);
 3. per covered layer, dW = (G (x) A + gamma I)^-1 grad in the eigenbasis (or factored Tikhonov damping);
 4. KL clipping (Ba, Grosse & Martens 2017, Distributed second-order optimization using Kronecker-factored
@@ -34,7 +36,8 @@ from optimizers.checks import OptionError, in_range, one_of, option, optional, p
 from optimizers.kfac.factors import Capture, Layer, batch_factors, covered_layers
 from optimizers.kfac.fisher import FISHER_TYPES, hessian_sqrt_signals, sampled_signal
 from optimizers.kfac.preconditioner import DAMPING_MODES, KroneckerBlock
-from optimizers.schedules import ScheduleOptions, Scheduled
+from optimizers.first_order import ScheduleOptions
+from optimizers.schedules import Scheduled
 from optimizers.vec import flatten, unflatten
 
 UNCOVERED = ("sgd", "adam")
@@ -70,6 +73,7 @@ class KFAC(Scheduled, Optimizer):
         self.blocks: dict[str, KroneckerBlock] = {}
         self.layers: dict[str, Layer] | None = None  # found on the first step (needs the objective's model)
         self.uncovered: list[int] = []
+        self._extra_backwards = 0  # backward passes of Fisher signals in the current step (logged)
 
     # ------------------------------------------------------------------ the step
     def update(self, objective: Any) -> dict[str, Any]:
@@ -78,6 +82,7 @@ class KFAC(Scheduled, Optimizer):
         for p in self.params:
             p.grad = None
         factor_time = inverse_time = 0.0
+        self._extra_backwards = 0
         if self.steps % o.factor_every == 0:
             loss, factor_time = self._gradient_and_factors(objective, layers)
         else:
@@ -95,7 +100,8 @@ class KFAC(Scheduled, Optimizer):
         buffer = self.momentum_buffer.mul_(o.momentum).add_(direction)
         objective.apply(buffer, alpha=-lr)
         return {"loss": loss, "lr": lr, "damping": damping, "kfac/kl_clip": nu, "kfac/factor_time": factor_time,
-                "kfac/inverse_time": inverse_time, "update_norm": lr * buffer.norm(), **objective.stats()}
+                "kfac/inverse_time": inverse_time, "kfac/extra_backwards": self._extra_backwards,
+                "update_norm": lr * buffer.norm(), **objective.stats()}
 
     def _cover(self, objective: Any) -> dict[str, Layer]:
         if self.layers is None:
@@ -115,14 +121,15 @@ class KFAC(Scheduled, Optimizer):
         """The loss (gradient in p.grad) and the factor update; returns the loss and the time spent on factors."""
         kind = self.options.fisher
         clock = _Clock(self.params[0].device)
-        with Capture(layers) as capture:
+        with Capture(objective.model, layers) as capture:
             if kind == "empirical":
                 with capture.recording():
-                    loss = objective.backward()
+                    loss = objective.backward()  # the gradient's own backward brings the output gradients
             else:
-                with clock, capture.recording():
+                with clock:
                     for signal in self._signals(objective, kind):
-                        objective.vjp(signal)
+                        capture.backward(signal)
+                        self._extra_backwards += 1
                 loss = objective.backward()
             with clock:
                 self._update_factors(capture, layers, objective, mean_loss_signal=kind == "empirical")
