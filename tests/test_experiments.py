@@ -40,6 +40,7 @@ needs_mnist = pytest.mark.skipif(
 
 # Statistics every row of an optimiser's metrics.jsonl carries (besides "loss").
 OPTIMIZER_STATS = {
+    "KFAC": ("damping", "kfac/kl_clip", "kfac/factor_time", "kfac/inverse_time", "update_norm"),
     "SGD": ("lr",),
     "Adam": ("lr",),
     "GradientDescent": ("step_size", "grad_norm"),
@@ -121,6 +122,11 @@ EXPERIMENTS = {
     "seed003_mnist_kfac_mlp_curveball": Experiment(
         ("build_mnist", "build_mlp", "CurveBall"),
         {"trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh"}, "mnist"),
+    **{f"seed003_mnist_mlp_{name}": Experiment(  # issue 10: seed 003's K-FAC comparison, one file per method
+        ("build_mnist", "build_mlp", cls),
+        {"trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh", **facts}, "mnist")
+       for name, cls, facts in (("kfac", "KFAC", {"optimizer.damping": 1.0}), ("curveball", "CurveBall", {}),
+                                ("adam", "Adam", {"optimizer.lr": 0.001}), ("sgd", "SGD", {"optimizer.lr": 0.03}))},
     "seed004_mnist_newton_variants": Experiment(
         ("build_mnist", "build_mlp", "HessianFree"),
         {"trainer.batch_size": 64, "trainer.max_epochs": 7, "optimizer.damping": 4.0, "optimizer.damping_factor": 1.0,
@@ -183,7 +189,7 @@ class Launched:
 
 # conf/optimizer/<name>.yaml -> the class it builds
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "gd": "GradientDescent", "newton_cg": "Newton", "hf": "HessianFree",
-              "curveball": "CurveBall", "lbfgs": "LBFGS", "nlcg": "NLCG"}
+              "curveball": "CurveBall", "lbfgs": "LBFGS", "nlcg": "NLCG", "kfac": "KFAC"}
 
 
 @pytest.fixture(scope="module", autouse=True)
