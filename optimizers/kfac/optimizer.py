@@ -47,7 +47,7 @@ UNCOVERED = ("sgd", "adam")
 class KFACOptions(ScheduleOptions):
     lr: float = option(0.1, positive)  # learning rate of the preconditioned (and KL-clipped) step
     momentum: float = option(0.9, in_range(0.0, 1.0, high_open=True))  # heavy-ball momentum on the update
-    damping: float = option(1e-3, positive)  # gamma, on G at one sample's scale (factors.py, "Scale of G")
+    damping: float = option(0.3, positive)  # gamma, on G at one sample's scale (factors.py, "Scale of G")
     damping_mode: str = option("eigenbasis", one_of(*DAMPING_MODES))  # eigenbasis: d_G d_A^T + gamma | factored
     fisher: str = option("sampled", one_of(*FISHER_TYPES))  # sampled | empirical | ggn (= exact): see fisher.py
     factor_decay: float = option(0.95, in_range(0.0, 1.0, high_open=True))  # moving average of A and G
