@@ -79,7 +79,7 @@ def resolve_class(path: Any) -> type:
 
 
 class TorchOptim(Scheduled, Optimizer):
-    """Runs ``cls(params, **options)`` through the step contract (module docstring)."""
+    """Runs ``cls(params, lr=lr, **options)`` through the step contract (module docstring)."""
 
     Options = TorchOptimOptions
 

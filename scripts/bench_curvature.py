@@ -38,6 +38,8 @@ from optimizers.objective import GGN_BACKENDS, HVP_BACKENDS, Objective  # noqa: 
 SETUPS = {
     "mlp": ("MLP 784-800-10", lambda: build_mlp((1, 28, 28), 10, hidden=[800], activation="relu"), (1, 28, 28), 1000),
     "cnn": ("CIFAR basic CNN", lambda: build_cifar_basic_cnn((3, 32, 32), 10), (3, 32, 32), 128),
+    "mlp_kfac": ("Seed 003 MLP 128-64-32-10 tanh", lambda: build_mlp((1, 28, 28), 10, hidden=[128, 64, 32], activation="tanh"),
+                 (1, 28, 28), 64),
     "resnet18": ("ResNet-18 (CIFAR stem)", lambda: build_resnet18((3, 32, 32), 10), (3, 32, 32), 128),
 }
 
