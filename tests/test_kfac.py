@@ -483,3 +483,24 @@ def test_run_py_trains_kfac_end_to_end(tmp_path):
     assert bad.returncode == 2
     assert "optimizer.fisher=true_fisher is not one of: sampled, empirical, ggn, exact." in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# ---------------------------------------------------------------- CUDA (skipped without a GPU)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fisher", ["empirical", "ggn"])
+def test_a_cuda_step_equals_the_cpu_step(fisher):
+    """Factors, eigendecompositions and the step on the GPU agree with the CPU in float64 (deterministic types)."""
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 6 * 6, 4)).to(F64)
+    x, y = torch.randn(8, 1, 6, 6, dtype=F64), torch.arange(8) % 4
+    models = {"cpu": conv, "cuda": copy.deepcopy(conv).cuda()}
+    for device, model in models.items():
+        opt = KFAC(model.parameters(), lr=0.1, fisher=fisher)
+        for _ in range(2):
+            stats = opt.step(Objective(model, "cross_entropy", x.to(device), y.to(device)))
+        assert stats["kfac/factor_time"] > 0 and stats["kfac/inverse_time"] >= 0
+    for p, q in zip(models["cpu"].parameters(), models["cuda"].parameters()):
+        torch.testing.assert_close(p, q.cpu(), rtol=1e-9, atol=1e-11)

@@ -276,3 +276,15 @@ def test_run_py_reports_a_bad_class_in_one_paragraph(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "optimizer.cls=heavyball.NoSuchOptimizer cannot be imported" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_heavyball_compiled_on_cuda_takes_real_steps():
+    """heavyball's default path on a GPU: torch.compile with triton kernels."""
+    pytest.importorskip("heavyball", reason="heavyball needs Python >= 3.11 (the optimizers extra)")
+    model = mlp().cuda()
+    opt = TorchOptim(model.parameters(), cls="heavyball.SOAP", lr=0.01)
+    x, y = (t.cuda() for t in batches(1, 64)[0])
+    losses = [float(opt.step(Objective(model, "cross_entropy", x, y))["loss"]) for _ in range(4)]
+    assert losses[-1] < losses[0], losses
