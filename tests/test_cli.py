@@ -129,7 +129,7 @@ def test_divergence_exits_3_and_names_the_step(cli):
 @pytest.mark.parametrize(
     "name, message",
     [
-        ("unknown_choice", "'foo' is not a choice of the config group 'optimizer'. Valid choices for optimizer: adam,"),
+        ("unknown_choice", "'foo' is not a choice of the config group 'optimizer'. Valid choices for optimizer: adahessian, adam,"),
         ("misspelled_key", "'trainer.max_epoch' is not a config key (misspelled?). Valid keys under trainer:"),
         ("wrong_type", "invalid override trainer.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),
         ("unwritable_output", "cannot create the output folder '/proc/forbidden"),
