@@ -29,15 +29,18 @@ def _fail(code: int) -> None:
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Train; return the tuning objective (cfg.tune, runner/tuning.py) for sweepers such as optuna (None: failed)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from runner import tuning
     from runner.train import train  # imported here: config errors are reported without loading torch
 
     if HydraConfig.get().mode == RunMode.MULTIRUN:
         _outcome["sweep_dir"] = os.path.abspath(HydraConfig.get().sweep.dir)
     try:
+        tuning.check(cfg.tune, HydraConfig.get().sweeper)
         result = train(cfg)
     except Exception as exc:
         message = describe_user_error(exc)
@@ -48,6 +51,7 @@ def main(cfg: DictConfig) -> None:
         return
     if result.status == "diverged":
         _fail(EXIT_DIVERGED)
+    return tuning.objective_value(cfg.tune, result.output_dir, result.status)
 
 
 if __name__ == "__main__":

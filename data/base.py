@@ -1,16 +1,17 @@
 """What every dataset builder returns, plus the small helpers the builders share.
 
-A builder is a function ``build_<name>(root, download=False, **options) -> Splits``. Small datasets come back as
-``TensorPairDataset`` (two tensors, batched by index in ``data.batching``); large ones as ordinary torch datasets that
-go through a ``DataLoader``.
+A builder is a function ``build_<name>(root, download=False, *, <options>) -> Splits`` whose options are typed
+keyword arguments: the runner checks the keys and types of the ``dataset`` group against the annotations
+(``optimizers.checks.check_call``) before it calls the builder, and the builder checks value ranges with the same
+shared checks (``dataset.num_test=0 must be an integer >= 1.``). Small datasets come back as ``TensorPairDataset``
+(two tensors, batched by index in ``data.batching``); large ones as ordinary torch datasets that go through a
+``DataLoader``.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
-
 import torch
 from torch.utils.data import Dataset
 
@@ -59,24 +60,6 @@ class TensorPairDataset(Dataset):
         return TensorPairDataset(
             self.inputs.to(device=device, dtype=dtype), self.targets.to(device=device, dtype=targets_dtype)
         )
-
-
-def parse_options(dataset: str, options: dict[str, Any], **defaults: Any) -> dict[str, Any]:
-    """``defaults`` updated with ``options``; an option that is not among the defaults is a ValueError naming it."""
-    for key, value in options.items():
-        if key not in defaults:
-            valid = ", ".join(sorted(defaults)) or "none"
-            raise ValueError(
-                f"Unknown option dataset.{key}={value!r} for dataset '{dataset}'. "
-                f"Valid options for '{dataset}' (besides root and download) are: {valid}."
-            )
-    return {**defaults, **options}
-
-
-def require_positive_int(dataset: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"dataset.{key}={value!r} for dataset '{dataset}' must be a positive integer.")
-    return value
 
 
 def resolve_root(dataset: str, root: str | os.PathLike | None) -> str:

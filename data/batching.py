@@ -3,8 +3,8 @@
 Modes (the ``trainer.batching`` config key):
   shuffle     a new permutation every epoch, drawn from a torch.Generator seeded with ``seed`` (deterministic);
   fixed       one permutation drawn once; the same mini-batches come back in the same order every epoch
-              (seed 001, eq. 28: batches fixed throughout training, R = ceil(m / m_b) of them);
-  full        one batch holding the whole split (``batch_size`` is ignored; seed 000 uses b = 60,000 on MNIST);
+              ([Seed001-Veitch], eq. 28: batches fixed throughout training, R = ceil(m / m_b) of them);
+  full        one batch holding the whole split (``batch_size`` is ignored; [Seed000-Thesis] uses b = 60,000 on MNIST);
   sequential  the split in its stored order, in batches (for evaluation).
 
 A ``TensorPairDataset`` is moved to the device once, and batches are slices or ``index_select`` of the device tensors:

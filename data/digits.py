@@ -1,4 +1,4 @@
-"""scikit-learn's 8x8 handwritten digits: 1,797 images that ship inside the package (no download, no data folder).
+"""scikit-learn's [Pedregosa2011] 8x8 handwritten digits: 1,797 images that ship inside the package (no download).
 
 The offline default dataset for ``python run.py`` and for fast tests.
 """
@@ -9,22 +9,25 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from data.base import Splits, TensorPairDataset, parse_options, require_positive_int
+from data.base import Splits, TensorPairDataset
+from optimizers.checks import fail, nonnegative_int, positive_int
 
 
-def build_digits(root: str | None = None, download: bool = False, **options) -> Splits:
+def build_digits(
+    root: str | None = None, download: bool = False, *, num_test: int = 300, split_seed: int = 0
+) -> Splits:
     """``root`` and ``download`` are accepted for a uniform interface and ignored.
 
-    Options: ``num_test`` (held-out images, stratified by class) and ``split_seed`` (the split is fixed by this seed
-    alone, so runs with different training seeds see the same split).
+    ``num_test``: held-out images, stratified by class; ``split_seed``: the split is fixed by this seed alone, so runs
+    with different training seeds see the same split.
     """
-    opts = parse_options("digits", options, num_test=300, split_seed=0)
-    num_test = require_positive_int("digits", "num_test", opts["num_test"])
+    num_test = positive_int("dataset.num_test", num_test)
     images, labels = load_digits(return_X_y=True)  # float64 (1797, 64) with values 0..16, int labels
     if num_test > len(labels) - 10:
-        raise ValueError(f"dataset.num_test={num_test} for dataset 'digits' must leave training images (of 1797).")
+        fail("dataset.num_test", num_test, f"must leave training images: at most {len(labels) - 10} of {len(labels)}.")
     x_train, x_test, y_train, y_test = train_test_split(
-        images / 16.0, labels, test_size=num_test, stratify=labels, random_state=opts["split_seed"]
+        images / 16.0, labels, test_size=num_test, stratify=labels,
+        random_state=nonnegative_int("dataset.split_seed", split_seed),
     )
     # Standardise with one mean and one std over all training pixels (like MNIST's 0.1307 / 0.3081).
     mean, std = x_train.mean(), x_train.std()

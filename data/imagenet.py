@@ -1,4 +1,4 @@
-"""ImageNet (or any subset of it, e.g. ImageNet-100) from folders of class subfolders of JPEGs.
+"""ImageNet [Deng2009] (or any subset of it, e.g. ImageNet-100) from folders of class subfolders of JPEGs.
 
 Expected tree (``<root>/imagenet`` unless the ``path`` option names another folder)::
 
@@ -14,7 +14,8 @@ import os
 
 from torchvision import datasets, transforms
 
-from data.base import Splits, missing_files_error, parse_options, require_positive_int, resolve_root
+from data.base import Splits, missing_files_error, resolve_root
+from optimizers.checks import positive_int
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EXPECTED_TREE = (
@@ -23,10 +24,12 @@ EXPECTED_TREE = (
 )
 
 
-def build_imagenet(root: str, download: bool = False, **options) -> Splits:
-    opts = parse_options("imagenet", options, path=None, image_size=224)
-    size = require_positive_int("imagenet", "image_size", opts["image_size"])
-    folder = resolve_root("imagenet", opts["path"] or os.path.join(resolve_root("imagenet", root), "imagenet"))
+def build_imagenet(
+    root: str, download: bool = False, *, path: str | None = None, image_size: int = 224
+) -> Splits:
+    """ImageNet from ``path`` (default ``<root>/imagenet``); ``image_size`` is the side of the square crops."""
+    size = positive_int("dataset.image_size", image_size)
+    folder = resolve_root("imagenet", path or os.path.join(resolve_root("imagenet", root), "imagenet"))
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_tf = transforms.Compose(
         [transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize]

@@ -1,4 +1,5 @@
-"""MNIST, Fashion-MNIST, CIFAR-10 and CIFAR-100 from torchvision's on-disk formats.
+"""MNIST [LeCun1998], Fashion-MNIST [Xiao2017], CIFAR-10 and CIFAR-100 [Krizhevsky2009] from torchvision's on-disk
+formats (keys in REFERENCES.md).
 
 All four are small enough to hold in memory: the uint8 arrays that torchvision reads are normalised once into a
 ``TensorPairDataset``. Only augmented CIFAR training goes through per-sample transforms (and so a DataLoader).
@@ -11,7 +12,8 @@ import os
 import torch
 from torchvision import datasets, transforms
 
-from data.base import Splits, TensorPairDataset, missing_files_error, parse_options, resolve_root
+from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
+from optimizers.checks import boolean
 
 MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
 
@@ -40,8 +42,7 @@ def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: st
     return train, test
 
 
-def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool, options: dict) -> Splits:
-    parse_options(name, options)
+def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool) -> Splits:
     root = resolve_root(name, root)
     folder = os.path.join(root, cls.__name__, "raw")
     train, test = _load_torchvision(name, cls, root, folder, MNIST_FILES, download)
@@ -52,12 +53,12 @@ def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, downlo
     return Splits(name, splits[0], splits[1], (1, 28, 28), 10, "cross_entropy", in_memory=True)
 
 
-def build_mnist(root: str, download: bool = False, **options) -> Splits:
-    return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download, options)
+def build_mnist(root: str, download: bool = False) -> Splits:
+    return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download)
 
 
-def build_fashion_mnist(root: str, download: bool = False, **options) -> Splits:
-    return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, options)
+def build_fashion_mnist(root: str, download: bool = False) -> Splits:
+    return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download)
 
 
 class _CIFAR10Files(datasets.CIFAR10):
@@ -82,8 +83,7 @@ class _CIFAR100Files(datasets.CIFAR100):
     meta = {**datasets.CIFAR100.meta, "md5": None}
 
 
-def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, download, options) -> Splits:
-    opts = parse_options(name, options, augment=False)
+def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, download, augment) -> Splits:
     root = resolve_root(name, root)
     folder = os.path.join(root, stock.base_folder)
     files = [f for f, _ in stock.train_list + stock.test_list] + [stock.meta["filename"]]
@@ -95,7 +95,7 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
         return TensorPairDataset(_normalised(images, mean, std).contiguous(), torch.tensor(d.targets))
 
     test_set = in_memory(test)
-    if not opts["augment"]:
+    if not augment:
         return Splits(name, in_memory(train), test_set, (3, 32, 32), classes, "cross_entropy", in_memory=True)
     train.transform = transforms.Compose(
         [
@@ -109,11 +109,13 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
     return Splits(name, train, test_set, (3, 32, 32), classes, "cross_entropy", in_memory=False)
 
 
-def build_cifar10(root: str, download: bool = False, **options) -> Splits:
-    return _cifar("cifar10", datasets.CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download, options)
+def build_cifar10(root: str, download: bool = False, *, augment: bool = False) -> Splits:
+    """``augment``: random crop 32 (pad 4) + horizontal flip per sample, through a DataLoader."""
+    return _cifar("cifar10", datasets.CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download,
+                  boolean("dataset.augment", augment))
 
 
-def build_cifar100(root: str, download: bool = False, **options) -> Splits:
-    return _cifar(
-        "cifar100", datasets.CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download, options
-    )
+def build_cifar100(root: str, download: bool = False, *, augment: bool = False) -> Splits:
+    """``augment`` as for CIFAR-10."""
+    return _cifar("cifar100", datasets.CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download,
+                  boolean("dataset.augment", augment))

@@ -5,8 +5,9 @@
 ``input_shape`` (no batch dimension) and ``num_outputs`` come from the dataset; the model maps a
 (B, *input_shape) tensor to (B, num_outputs) logits / predictions (no softmax: the loss applies it).
 
-Modules: simple_cnn (seed 000), mlp (seeds 001-004), basic_cnn (seed 003), resnet, vgg (VGG-f),
-timm_model, problems (Rosenbrock and the Rahimi-Recht linear network, seed 003), common (shared checks).
+Modules (sources in REFERENCES.md): simple_cnn ([Seed000-Thesis]), mlp (seeds 001-004), basic_cnn
+([Seed003-Henriques2019]), resnet ([He2016]), vgg (VGG-f, [Chatfield2014]), timm_model ([Wightman2019]), problems
+(Rosenbrock and the Rahimi-Recht linear network, [Seed003-Henriques2019]), common (shared checks).
 Heavy dependencies (torchvision, timm) are imported only by the modules that need them.
 """
 

@@ -1,9 +1,9 @@
-"""The basic 5-layer CIFAR CNN of seed 003 (footnote 5), with or without batch normalisation.
+"""The basic 5-layer CIFAR CNN of [Seed003-Henriques2019] (footnote 5), with or without batch normalisation.
 
-Seed 003, footnote 5: "5x5 filters and ReLU activations, and 3x3 max-pooling layers (with stride 2) after
+[Seed003-Henriques2019], footnote 5: "5x5 filters and ReLU activations, and 3x3 max-pooling layers (with stride 2) after
 each of the first 3 convolutions. The number of output channels are, respectively, (32, 32, 64, 64, 10)."
 The footnote leaves padding and the last two kernels open; we follow the authors' MatConvNet/autonn
-``BasicCifarNet`` (used by their CurveBall code):
+``BasicCifarNet`` (used by their CurveBall code, [CurveBall-code]):
 
     conv 5x5/32 pad 2 -> [BN] -> ReLU -> maxpool 3/2 pad 1      32x32 -> 16x16
     conv 5x5/32 pad 2 -> [BN] -> ReLU -> maxpool 3/2 pad 1      16x16 ->  8x8
@@ -20,8 +20,9 @@ published network) and adapts to other image sizes (28x28 MNIST also ends at 4x4
 Parameters for (3, 32, 32) inputs and 10 classes: 2,432 + 25,632 + 51,264 + 65,600 + 650 = 145,578;
 with BN the 192 conv biases are replaced by 2 * 192 BN scales/shifts: 145,770.
 
-``dropout`` (seed 003, Table 2, reports validation errors with dropout rate 0.3) is applied before the two
-fully-connected-style convolutions, as the authors' ``vggf_dropout`` does before VGG-f's last two layers.
+``dropout`` ([Seed003-Henriques2019], Table 2, reports validation errors with dropout rate 0.3) is applied before the
+two fully-connected-style convolutions, as the authors' ``vggf_dropout`` [CurveBall-code] does before VGG-f's last two
+layers.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, require_image
+from optimizers.checks import boolean, in_range
 
 CHANNELS = (32, 32, 64, 64)
 
@@ -78,15 +80,11 @@ class BasicCNN(nn.Module):
 def build_cifar_basic_cnn(
     input_shape: Sequence[int], num_outputs: int, batch_norm: bool = False, dropout: float = 0.0
 ) -> BasicCNN:
-    """Seed 003's basic CNN for (C, H, W) images; the published network is the (3, 32, 32) case."""
+    """[Seed003-Henriques2019]'s basic CNN for (C, H, W) images; the published network is the (3, 32, 32) case."""
     shape = require_image(
         "cifar_basic_cnn", input_shape, "images of shape (C, H, W), e.g. CIFAR-10's (3, 32, 32)"
     )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(
-            f"Model 'cifar_basic_cnn': dropout={dropout!r} must be a rate in [0, 1) "
-            "(0 disables dropout; seed 003 uses 0.3)."
-        )
+    rate = in_range(0.0, 1.0, high_open=True)("model.dropout", dropout)  # 0 disables dropout
     return BasicCNN(
-        shape, check_num_outputs("cifar_basic_cnn", num_outputs), bool(batch_norm), float(dropout)
+        shape, check_num_outputs("cifar_basic_cnn", num_outputs), boolean("model.batch_norm", batch_norm), rate
     )

@@ -1,8 +1,12 @@
 """Small helpers shared by the model builders: input-shape checks, activations, in-place switch-off.
 
 Every builder has the signature ``build_<x>(input_shape, num_outputs, **options) -> nn.Module``; the
-dataset supplies ``input_shape`` (without the batch dimension) and ``num_outputs``. The checks below turn
-an impossible model/dataset combination into a readable ``ValueError`` before torch can fail on shapes.
+dataset supplies ``input_shape`` (without the batch dimension) and ``num_outputs``. The options are typed
+keyword arguments: the runner checks the keys and types of the ``model`` group against the annotations
+(``optimizers.checks.check_call``) before it calls the builder, and the builder checks value ranges with the
+same shared checks, naming the key as typed (``model.hidden[0]=0 must be an integer >= 1.``). The helpers
+below turn an impossible model/dataset combination into a readable ``ValueError`` before torch can fail on
+shapes.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ import math
 from collections.abc import Sequence
 
 from torch import nn
+
+from optimizers.checks import OptionError, one_of, positive_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -27,13 +33,14 @@ def as_shape(input_shape: Sequence[int]) -> tuple[int, ...]:
 
 
 def check_num_outputs(model: str, num_outputs: int) -> int:
-    """``num_outputs`` must be a positive int (it comes from the dataset)."""
-    if isinstance(num_outputs, bool) or int(num_outputs) != num_outputs or num_outputs < 1:
+    """``num_outputs`` must be a positive int (it comes from the dataset, not from a config key)."""
+    try:
+        return positive_int("num_outputs", num_outputs)
+    except OptionError:
         raise ValueError(
             f"Model '{model}' got num_outputs={num_outputs!r}, but it needs a positive integer "
             "(the number of classes or regression targets, taken from the dataset)."
-        )
-    return int(num_outputs)
+        ) from None
 
 
 def flat_size(input_shape: Sequence[int]) -> int:
@@ -53,14 +60,9 @@ def require_image(model: str, input_shape: Sequence[int], supports: str) -> tupl
     return shape  # type: ignore[return-value]
 
 
-def make_activation(name: str, model: str, key: str = "activation") -> nn.Module:
-    """A fresh activation module (never in-place: curvature code differentiates twice)."""
-    if name not in ACTIVATIONS:
-        raise ValueError(
-            f"Model '{model}': unknown {key}={name!r}. Valid choices: {', '.join(ACTIVATIONS)}. "
-            f"Set it in the model config or on the command line, e.g. model.{key}=relu."
-        )
-    return ACTIVATIONS[name]()
+def make_activation(name: str, key: str = "model.activation") -> nn.Module:
+    """A fresh activation module (never in-place: curvature code differentiates twice); ``key`` names the option."""
+    return ACTIVATIONS[one_of(*ACTIVATIONS)(key, name)]()
 
 
 def disable_inplace(module: nn.Module) -> nn.Module:

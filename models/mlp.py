@@ -1,8 +1,8 @@
 """Fully-connected networks: flatten -> [Linear -> activation] * len(hidden) -> Linear.
 
-One builder covers the MLPs of the seeds (see conf/model/mlp*.yaml): logistic regression (no hidden
-layer, seed 001), 784-800-10 ReLU (seed 002), 1-15-15-1 ReLU sine regression (seed 002),
-128-64-32-10 tanh (seed 003), linear-ReLU-linear (seed 004) and 1-/2-hidden-layer nets (seed 001).
+One builder covers the MLPs of the seeds (see conf/model/mlp*.yaml; keys in REFERENCES.md): logistic regression (no
+hidden layer, [Seed001-Veitch]), 784-800-10 ReLU and 1-15-15-1 ReLU sine regression ([Seed002-Brunn2022]), 128-64-32-10
+tanh ([Seed003-Henriques2019]), linear-ReLU-linear ([Seed004-Wang]) and 1-/2-hidden-layer nets ([Seed001-Veitch]).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, flat_size, make_activation
+from optimizers.checks import boolean, positive_int, sequence_of
 
 
 class MLP(nn.Module):
@@ -23,7 +24,7 @@ class MLP(nn.Module):
         layers: list[nn.Module] = []
         width = in_features
         for h in hidden:
-            layers += [nn.Linear(width, h, bias=bias), make_activation(activation, "mlp")]
+            layers += [nn.Linear(width, h, bias=bias), make_activation(activation)]
             width = h
         layers.append(nn.Linear(width, num_outputs, bias=bias))
         self.net = nn.Sequential(*layers)
@@ -40,17 +41,12 @@ def build_mlp(
     bias: bool = True,
 ) -> MLP:
     """An MLP on the flattened input. ``hidden=[]`` gives a linear (logistic-regression) model."""
-    hidden = list(hidden)
-    if any(isinstance(h, bool) or int(h) != h or h < 1 for h in hidden):
-        raise ValueError(
-            f"Model 'mlp': hidden={hidden} must be a list of positive integers (layer widths), "
-            "e.g. model.hidden=[128,64]; use model.hidden=[] for a model without hidden layer."
-        )
-    make_activation(activation, "mlp")  # validates the name even when there is no hidden layer
+    widths = sequence_of(positive_int)("model.hidden", hidden)  # layer widths; [] = no hidden layer
+    make_activation(activation)  # validates the name even when there is no hidden layer
     return MLP(
         flat_size(input_shape),
-        [int(h) for h in hidden],
+        widths,
         check_num_outputs("mlp", num_outputs),
         activation,
-        bool(bias),
+        boolean("model.bias", bias),
     )

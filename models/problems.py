@@ -1,4 +1,4 @@
-"""Small degenerate problems with known solutions (seed 003, sec. 4 and Table 1).
+"""Small degenerate problems with known solutions ([Seed003-Henriques2019], sec. 4 and Table 1).
 
 Both are written as ordinary ``nn.Module``s so that every optimiser, loss and curvature product in the
 project treats them exactly like a network; the matching synthetic datasets live in ``data``.
@@ -12,14 +12,15 @@ import torch
 from torch import nn
 
 from models.common import as_shape, check_num_outputs, flat_size
+from optimizers.checks import finite, optional, positive_int, sequence_of
 
-# Seed 003 does not state its starting point; we use the classic one of Rosenbrock (1960), also the
-# standard start of Moré, Garbow & Hillstrom (1981), test problem 1.
+# [Seed003-Henriques2019] does not state its starting point; we use the classic one of [Rosenbrock1960], also the
+# standard start of Moré, Garbow & Hillstrom 1981, Testing unconstrained optimization software [More1981], problem 1.
 ROSENBROCK_START = (-1.2, 1.0)
 
 
 class Rosenbrock(nn.Module):
-    """Stochastic Rosenbrock function (seed 003, eq. 19) in residual form.
+    """Stochastic Rosenbrock function ([Seed003-Henriques2019], eq. 19, after [YangDeb2010]) in residual form.
 
     Parameters ``xy = (u, v)``; an input row holds one noise sample eps ~ U[l1, l2]. The output holds the
     two residuals r = (1 - u, 10 sqrt(eps) (v - u^2)), so the "sse" loss (mean over the batch of
@@ -40,8 +41,8 @@ class Rosenbrock(nn.Module):
 
 
 class TwoLayerLinear(nn.Module):
-    """y = W2 W1 x, no bias, no activation: the degenerate linear network of Rahimi & Recht (2017),
-    fitted to y = A x with an ill-conditioned A (seed 003, sec. 4)."""
+    """y = W2 W1 x, no bias, no activation: the degenerate linear network of [RahimiRecht2017],
+    fitted to y = A x with an ill-conditioned A ([Seed003-Henriques2019], sec. 4)."""
 
     def __init__(self, in_features: int, hidden: int, num_outputs: int) -> None:
         super().__init__()
@@ -61,15 +62,10 @@ def build_rosenbrock(
         raise ValueError(
             f"Model 'rosenbrock' got dataset input_shape={shape} and num_outputs={num_outputs}, but it "
             "supports only input_shape=(1,) (one noise sample eps per row) and num_outputs=2 (the two "
-            "residuals of eq. 19 in seed 003). Use it with the Rosenbrock noise dataset and the sse loss."
+            "residuals of eq. 19 in [Seed003-Henriques2019], REFERENCES.md). Use it with the Rosenbrock noise dataset "
+            "and the sse loss."
         )
-    init = list(init)
-    if len(init) != 2:
-        raise ValueError(
-            f"Model 'rosenbrock': init={init} must be the 2-D starting point [u, v], "
-            f"e.g. model.init=[{ROSENBROCK_START[0]},{ROSENBROCK_START[1]}]."
-        )
-    return Rosenbrock(init)
+    return Rosenbrock(sequence_of(finite, length=2)("model.init", init))  # the start point [u, v]
 
 
 def build_two_layer_linear(
@@ -77,10 +73,7 @@ def build_two_layer_linear(
 ) -> TwoLayerLinear:
     """W2 W1 x with hidden width ``hidden`` (default: the input dimension, as in Rahimi & Recht)."""
     in_features = flat_size(input_shape)
-    width = in_features if hidden is None else hidden
-    if isinstance(width, bool) or int(width) != width or width < 1:
-        raise ValueError(
-            f"Model 'two_layer_linear': hidden={hidden!r} must be a positive integer "
-            "(or null for the input dimension)."
-        )
-    return TwoLayerLinear(in_features, int(width), check_num_outputs("two_layer_linear", num_outputs))
+    width = optional(positive_int)("model.hidden", hidden)
+    return TwoLayerLinear(
+        in_features, in_features if width is None else width, check_num_outputs("two_layer_linear", num_outputs)
+    )

@@ -1,7 +1,8 @@
-"""torchvision ResNet-18 / ResNet-50 (He et al., 2016), randomly initialised or from a local state_dict.
+"""torchvision ResNet-18 / ResNet-50 (He et al. 2016, Deep residual learning for image recognition [He2016]), randomly
+initialised or from a local state_dict.
 
-ResNet-18 on CIFAR-10 is seed 003's large CIFAR model (Table 2); ResNet-50 on ImageNet is seed 000's
-(sec. 10.2). For small images (<= 64 px) the usual CIFAR stem is used by default: conv1 becomes a 3x3
+ResNet-18 on CIFAR-10 is the large CIFAR model of [Seed003-Henriques2019] (Table 2); ResNet-50 on ImageNet is
+[Seed000-Thesis]'s (sec. 10.2). For small images (<= 64 px) the usual CIFAR stem is used by default: conv1 becomes a 3x3
 stride-1 convolution and the stem max-pool is dropped, so a 32x32 image reaches the last stage at 4x4
 instead of 1x1. Inputs with other than 3 channels get a matching conv1.
 """

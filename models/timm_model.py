@@ -10,6 +10,7 @@ import timm
 from torch import nn
 
 from models.common import check_num_outputs, disable_inplace, require_image
+from optimizers.checks import fail
 
 
 def build_timm(input_shape: Sequence[int], num_outputs: int, name: str, **kwargs: Any) -> nn.Module:
@@ -18,11 +19,8 @@ def build_timm(input_shape: Sequence[int], num_outputs: int, name: str, **kwargs
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
         hint = f"Close matches: {', '.join(close)}." if close else "No close match found."
-        raise ValueError(
-            f"Model 'timm': unknown timm architecture name={name!r}. {hint} "
-            "List the valid names with `python -c \"import timm; print(timm.list_models())\"` "
-            "and set e.g. model.name=resnet18."
-        )
+        fail("model.name", name, f"is not a timm architecture. {hint} List the valid names with "
+             "`python -c \"import timm; print(timm.list_models())\"` and set e.g. model.name=resnet18.")
     model = timm.create_model(
         name,
         pretrained=False,

@@ -1,6 +1,6 @@
-"""VGG-f ("fast") of Chatfield et al., "Return of the Devil in the Details" (BMVC 2014).
+"""VGG-f ("fast") of Chatfield et al. 2014, "Return of the Devil in the Details" (BMVC 2014) [Chatfield2014].
 
-Seed 003 trains it on ImageNet and ImageNet-100 (Table 2). Layout for a 224x224 input:
+[Seed003-Henriques2019] trains it on ImageNet and ImageNet-100 (Table 2). Layout for a 224x224 input:
 
     conv 11x11/64 stride 4 -> ReLU -> LRN -> maxpool 3/2      224 -> 54 -> 27
     conv 5x5/256 pad 2     -> ReLU -> LRN -> maxpool 3/2       27 -> 27 -> 13
@@ -17,7 +17,7 @@ No adaptive pooling: the first fc layer takes whatever map the convolutions leav
 6x6 "fc6" convolution of the original), so images of other sizes work as long as they are at least
 ``min_input_size()`` pixels. ``batch_norm=True`` is the variant the seed-003 authors' code trains
 (autonn ``VGG8('batchNorm', true)``): BN after every conv/fc except the last, and no LRN.
-``dropout``: Chatfield et al. use 0.5; seed 003 reports results with 0.3 in brackets; default 0.
+``dropout``: [Chatfield2014] use 0.5; [Seed003-Henriques2019] reports results with 0.3 in brackets; default 0.
 Initialisation follows torchvision's VGG (Kaiming-normal convolutions, N(0, 0.01) fc layers, zero bias).
 """
 
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, require_image
+from optimizers.checks import boolean, in_range
 
 FC_WIDTH = 4096
 
@@ -120,9 +121,5 @@ def build_vgg_f(
             "its stride-4 first layer and three poolings shrink smaller images to nothing). "
             "For CIFAR-sized images use model=cifar_basic_cnn or model=resnet18."
         )
-    if not 0.0 <= float(dropout) < 1.0:
-        raise ValueError(
-            f"Model 'vgg_f': dropout={dropout!r} must be a rate in [0, 1) (0 disables dropout; "
-            "Chatfield et al. use 0.5, seed 003 reports 0.3)."
-        )
-    return VGGF(shape, check_num_outputs("vgg_f", num_outputs), bool(batch_norm), float(dropout))
+    rate = in_range(0.0, 1.0, high_open=True)("model.dropout", dropout)  # 0 disables dropout
+    return VGGF(shape, check_num_outputs("vgg_f", num_outputs), boolean("model.batch_norm", batch_norm), rate)

@@ -82,62 +82,75 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     ``precond`` is the diagonal of M (positive), ``x0`` the warm start (zero when None). ``martens_tol = 0`` switches
     Martens' rule off, ``tol`` > 0 stops once |r| <= tol |b|. An exactly zero residual always stops ("tolerance").
     """
+    _check_arguments(min_iters, max_iters, martens_tol, tol, martens_gap)
+    minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
+    s = _start(matvec, b, x0, minv)
+    p = -s.y
+    head = torch.stack([0.5 * torch.dot(s.r - b, s.x), s.ry, torch.dot(b, b)]).tolist()
+    phis, b_norm = [head[0]], math.sqrt(head[2])
+    keep = storage_schedule(max_iters) if store_iterates else set()
+    iterates: list[tuple[int, Tensor]] = []
+    reason, i = ("tolerance" if head[1] == 0.0 else "max_iters"), 0  # ry = 0: x0 already solves the system
+    while reason == "max_iters" and i < max_iters:
+        ap = matvec(p)
+        new, host = _advance(s, p, ap, b, minv, tol)
+        if not host[0] > 0.0:                   # p^T A p <= 0 (or nan): keep the last good iterate
+            reason = "negative_curvature"
+            break
+        i += 1
+        p = -new.y + (new.ry / s.ry) * p
+        s = new
+        phis.append(host[2])
+        if i in keep:
+            iterates.append((i, s.x))
+        if host[1] == 0.0 or (tol > 0 and math.sqrt(host[3]) <= tol * b_norm):
+            reason = "tolerance"
+        elif martens_tol > 0 and i >= min_iters and _martens_stop(phis, i, martens_tol, martens_gap):
+            reason = "martens"
+    if not iterates or iterates[-1][0] != i:
+        iterates.append((i, s.x))
+    return CGResult(x=s.x, iterations=i, stop_reason=reason, residual_norm=float(s.r.norm()),
+                    model_decrease=phis[-1] - phis[0], iterates=iterates, phis=phis)
+
+
+@dataclass
+class _CGState:
+    x: Tensor    # iterate
+    r: Tensor    # residual A x - b
+    y: Tensor    # preconditioned residual M^-1 r
+    ry: Tensor   # r^T y
+
+
+def _start(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, minv: Tensor | None) -> _CGState:
+    if x0 is None:
+        x, r = torch.zeros_like(b), -b          # r_0 = A 0 - b, no product needed
+    else:
+        x = x0.detach().clone()
+        r = matvec(x) - b
+    y = r if minv is None else r * minv
+    return _CGState(x, r, y, torch.dot(r, y))
+
+
+def _advance(s: _CGState, p: Tensor, ap: Tensor, b: Tensor, minv: Tensor | None,
+             tol: float) -> tuple[_CGState, list[float]]:
+    """The candidate iterate along p (discarded by the caller if p has non-positive curvature) and the scalars the
+    stopping rules read, [p'Ap, r'y, q(x), |r|^2 if tol], fetched in the iteration's one host synchronisation."""
+    pap = torch.dot(p, ap)
+    alpha = s.ry / pap
+    x, r = s.x + alpha * p, s.r + alpha * ap
+    y = r if minv is None else r * minv
+    new = _CGState(x, r, y, torch.dot(r, y))
+    scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if tol > 0 else [])
+    return new, torch.stack(scalars).tolist()
+
+
+def _check_arguments(min_iters: int, max_iters: int, martens_tol: float, tol: float, martens_gap: int) -> None:
     if min_iters < 0 or max_iters < 1 or min_iters > max_iters:
         raise ValueError(f"pcg needs 0 <= min_iters <= max_iters and max_iters >= 1, got min_iters={min_iters}, "
                          f"max_iters={max_iters}.")
     if martens_tol < 0 or tol < 0 or martens_gap < 1:
         raise ValueError(f"pcg needs martens_tol >= 0, tol >= 0 and martens_gap >= 1, got martens_tol={martens_tol}, "
                          f"tol={tol}, martens_gap={martens_gap}.")
-    minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
-    if x0 is None:
-        x = torch.zeros_like(b)
-        r = -b                                  # r_0 = A 0 - b, no product needed
-    else:
-        x = x0.detach().clone()
-        r = matvec(x) - b
-    y = r if minv is None else r * minv
-    ry = torch.dot(r, y)
-    p = -y
-    phi0 = 0.5 * torch.dot(r - b, x)
-    head = torch.stack([phi0, ry, torch.dot(b, b)]).tolist()
-    phis = [head[0]]
-    b_norm = math.sqrt(head[2])
-    keep = storage_schedule(max_iters) if store_iterates else set()
-    iterates: list[tuple[int, Tensor]] = []
-    reason = "max_iters"
-    i = 0
-    if head[1] == 0.0:                          # x0 already solves the system exactly
-        reason = "tolerance"
-    while reason == "max_iters" and i < max_iters:
-        ap = matvec(p)
-        pap = torch.dot(p, ap)
-        alpha = ry / pap
-        # Candidate iterate i + 1; it is discarded if p turned out to be a direction of non-positive curvature.
-        x_new = x + alpha * p
-        r_new = r + alpha * ap
-        y_new = r_new if minv is None else r_new * minv
-        ry_new = torch.dot(r_new, y_new)
-        phi_new = 0.5 * torch.dot(r_new - b, x_new)
-        scalars = [pap, ry_new, phi_new] + ([torch.dot(r_new, r_new)] if tol > 0 else [])
-        host = torch.stack(scalars).tolist()    # the one host sync of this iteration
-        if not host[0] > 0.0:                   # p^T A p <= 0 (or nan): keep the last good iterate
-            reason = "negative_curvature"
-            break
-        i += 1
-        x, r, y = x_new, r_new, y_new
-        phis.append(host[2])
-        if i in keep:
-            iterates.append((i, x))
-        p = -y + (ry_new / ry) * p
-        ry = ry_new
-        if host[1] == 0.0 or (tol > 0 and math.sqrt(host[3]) <= tol * b_norm):
-            reason = "tolerance"
-        elif martens_tol > 0 and i >= min_iters and _martens_stop(phis, i, martens_tol, martens_gap):
-            reason = "martens"
-    if not iterates or iterates[-1][0] != i:
-        iterates.append((i, x))
-    return CGResult(x=x, iterations=i, stop_reason=reason, residual_norm=float(r.norm()),
-                    model_decrease=phis[-1] - phis[0], iterates=iterates, phis=phis)
 
 
 def _martens_stop(phis: list[float], i: int, martens_tol: float, martens_gap: int) -> bool:

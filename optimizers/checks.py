@@ -72,13 +72,18 @@ def nonnegative(key: str, value: Any) -> float:
 
 
 def in_range(low: float, high: float, *, low_open: bool = False, high_open: bool = False) -> Check:
-    """A finite number in [low, high]; ``low_open``/``high_open`` exclude the end points."""
-    left, right = ("(" if low_open else "["), (")" if high_open else "]")
+    """A finite number in [low, high]; ``low_open``/``high_open`` exclude the end points (an infinite end is open)."""
+    if math.isinf(high):
+        requirement = f"must be a finite number {'>' if low_open else '>='} {low:g}."
+    elif math.isinf(low):
+        requirement = f"must be a finite number {'<' if high_open else '<='} {high:g}."
+    else:
+        requirement = f"must lie in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}."
 
     def check(key: str, value: Any) -> float:
         x = finite(key, value)
-        if (x < low or (low_open and x == low)) or (x > high or (high_open and x == high)):
-            fail(key, value, f"must lie in {left}{low:g}, {high:g}{right}.")
+        if x < low or (low_open and x == low) or x > high or (high_open and x == high):
+            fail(key, value, requirement)
         return x
 
     return check
@@ -88,7 +93,8 @@ def integer(minimum: int) -> Check:
     """An integer >= ``minimum`` (bools are rejected; 3.0 is accepted as 3)."""
 
     def check(key: str, value: Any) -> int:
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < minimum:
+        if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+                or value != int(value) or value < minimum):
             fail(key, value, f"must be an integer >= {minimum}.")
         return int(value)
 
@@ -194,27 +200,31 @@ def _plain(value: Any) -> Any:
 def check_call(group: str, fn: Callable, kwargs: Mapping[str, Any], *, supplied: Sequence[str] = ()) -> dict:
     """Keyword arguments for ``fn`` from a config group, checked against its signature and annotations.
 
-    Unknown keys and values whose type contradicts the annotation (``int``, ``float``, ``bool``, ``str``, sequences of
-    those, ``Optional``/unions, ``Literal``) raise OptionError naming ``group.key``. ``supplied`` lists the arguments
-    the runner passes itself (e.g. ``input_shape``); they are not config keys. Value ranges stay the builder's job.
+    Unknown keys, missing required ones and values whose type contradicts the annotation (``int``, ``float``,
+    ``bool``, ``str``, sequences of those, ``Optional``/unions, ``Literal``) raise OptionError naming ``group.key``.
+    ``supplied`` lists the arguments the caller passes itself (e.g. ``input_shape``); they are not config keys, and
+    setting one in the group is an error too. Value ranges stay the builder's job.
     """
-    signature = inspect.signature(fn)
-    params = signature.parameters
+    params = inspect.signature(fn).parameters
     open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
     valid = [n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and n not in supplied]
     try:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn.__init__ if inspect.isclass(fn) else fn)  # a class: its __init__
     except Exception:  # noqa: BLE001 -- unresolvable annotations: check names only
         hints = {}
     out = {}
     for key, value in kwargs.items():
         value = _plain(value)
-        if key not in params and not open_kwargs:
+        if (key not in params and not open_kwargs) or key in supplied:
             raise OptionError(f"{group}.{key} is not an option of {group} '{_name(fn)}'. "
                               f"Valid keys: {', '.join(valid) or 'none'}.")
         if key in hints and not _matches(value, hints[key]):
             fail(f"{group}.{key}", value, f"must be {_describe(hints[key])}.")
         out[key] = value
+    missing = [n for n in valid if params[n].default is inspect.Parameter.empty and n not in kwargs]
+    if missing:
+        raise OptionError(f"{group}.{missing[0]} is missing: {group} '{_name(fn)}' needs it (set it with "
+                          f"+{group}.{missing[0]}=...).")
     return out
 
 

@@ -9,7 +9,10 @@ Every optimiser's ``step(objective)`` talks to this object only. It owns
   via Hessian-free optimization", sec. 4.3) and the backends built on it (``optimizers.backends``), reused by every
   product of a CG solve;
 * the statistics: how many products were taken and how long they took;
-* ``reduce``: the one place where a data-parallel run averages across ranks.
+* ``reduce``: the one place where a data-parallel run averages across ranks. Each rank holds its shard of the
+  global batch; every quantity the Objective computes is a mean over the local shard, so the global batch mean is
+  sum_r (B_r / B) * local_r: one weighted all-reduce (a SUM) per gradient, per product and per scalar that drives a
+  decision. All ranks therefore hold identical values and take identical steps.
 
 Products (flat parameter vectors v of length P; f = outputs (B, o)):
     G v = J^T H_L J v   Gauss-Newton (Schraudolph 2002), on any Jacobian backend
@@ -52,7 +55,8 @@ class Objective:
 
     def __init__(self, model: nn.Module, loss_fn: Loss | str, inputs: Tensor, targets: Tensor, *,
                  ggn_backend: str = "auto", hvp_backend: str = "double_backward",
-                 curvature_batch_size: int | None = None, per_sample_chunk: int | None = None):
+                 curvature_batch_size: int | None = None, per_sample_chunk: int | None = None,
+                 global_batch_size: int | None = None):
         self.ggn_backend = checks.one_of(*GGN_BACKENDS)("objective.ggn_backend", ggn_backend)
         self.hvp_backend = checks.one_of(*HVP_BACKENDS)("objective.hvp_backend", hvp_backend)
         self.curvature_batch_size = checks.optional(checks.positive_int)("objective.curvature_batch_size",
@@ -60,7 +64,11 @@ class Objective:
         self.per_sample_chunk = checks.optional(checks.positive_int)("objective.per_sample_chunk", per_sample_chunk)
         self.model, self.loss_fn = model, get_loss(loss_fn)
         self.inputs, self.targets = inputs, targets
+        world = dist.get_world_size() if _distributed() else 1
+        # this rank's share of the global batch mean (data parallelism; 1 in a single process)
+        self.share = inputs.shape[0] / (global_batch_size or inputs.shape[0] * world)
         self.product_count = {"ggn": 0, "hvp": 0, "jvp": 0, "vjp": 0}
+        self.comm = {"calls": 0, "bytes": 0, "seconds": 0.0}
         self._rng: tuple | None = None  # the RNG state of the batch's forward pass (its dropout masks)
         self._clear()
 
@@ -333,6 +341,9 @@ class Objective:
         """Counts and wall time of the products taken on this batch (merged into an optimiser's step statistics)."""
         out = {f"curv/{k}_products": float(v) for k, v in self.product_count.items() if v}
         out["curv/product_time"] = self._timer.total()
+        if self.comm["calls"]:
+            out.update({"comm/all_reduces": float(self.comm["calls"]), "comm/bytes": float(self.comm["bytes"]),
+                        "comm/time": self.comm["seconds"]})
         return out
 
     def call_with(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
@@ -349,13 +360,20 @@ class Objective:
             _restore_rng(self._rng, self.inputs.device)
             yield
 
-    @staticmethod
-    def reduce(t: Tensor) -> Tensor:
-        """Average across data-parallel ranks: the single all-reduce that makes every method distributed."""
-        if _distributed():
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= dist.get_world_size()
+    def reduce(self, t: Tensor) -> Tensor:
+        """The global batch mean of a local batch-mean quantity: sum over ranks of share * t, one all-reduce.
+
+        The single all-reduce that makes every method data-parallel; the identity in a single process. Its calls,
+        bytes and seconds are reported by ``stats()`` as ``comm/*``.
+        """
+        if not _distributed():
+            return t
+        t0 = time.perf_counter()
+        t = t * self.share
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        self.comm["calls"] += 1
+        self.comm["bytes"] += t.numel() * t.element_size()
+        self.comm["seconds"] += time.perf_counter() - t0
         return t
 
 

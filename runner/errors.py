@@ -67,17 +67,23 @@ def _config_error(exc: HydraException) -> str:
     if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and isinstance(exc, ConfigCompositionException):
         key = cause.full_key or (text.split("'")[1] if "'" in text else "?")
         parent = cause.parent_node if isinstance(cause.parent_node, DictConfig) else None
-        valid = _keys(parent)
-        where = key.rsplit(".", 1)[0] if "." in key else "the top level"
-        hint = f" Valid keys under {where}: {valid}." if valid else ""
-        if parent is not None and OmegaConf.get_type(parent) is dict:  # a free-form group such as model/optimizer
-            hint += f" To add a new key on purpose, prefix it with +, e.g. +{key}=..."
-        return f"'{key}' is not a config key (misspelled?).{hint}"
+        free_form = parent is not None and OmegaConf.get_type(parent) is dict  # a group such as model/optimizer
+        return unknown_key_message(key, list(parent.keys()) if parent is not None else [], free_form)
     if isinstance(cause, OmegaConfBaseException):
         detail = _omegaconf_message(cause)
         prefix = f"invalid override {override.group(1)}: " if override else ""
         return _one_paragraph(prefix + detail)
     return _one_paragraph(text.split("\nConfig search path")[0])
+
+
+def unknown_key_message(key: str, valid: list[Any], free_form: bool = False) -> str:
+    """The one message for a key that is not in the config, misspelled or added with + to a typed group."""
+    keys = ", ".join(sorted(str(k) for k in valid if not str(k).startswith("_") and k != "hydra"))
+    where = key.rsplit(".", 1)[0] if "." in key else "the top level"
+    hint = f" Valid keys under {where}: {keys}." if keys else ""
+    if free_form:
+        hint += f" To add a new key on purpose, prefix it with +, e.g. +{key}=..."
+    return f"'{key}' is not a config key (misspelled?).{hint}"
 
 
 def _omegaconf_message(exc: OmegaConfBaseException) -> str:
@@ -88,13 +94,6 @@ def _omegaconf_message(exc: OmegaConfBaseException) -> str:
     if key and key not in message:
         message += f" (key: {key})"
     return message
-
-
-def _keys(node: DictConfig | None) -> str:
-    if node is None:
-        return ""
-    keys = [str(k) for k in node.keys() if not str(k).startswith("_") and k != "hydra"]
-    return ", ".join(sorted(keys))
 
 
 def _one_paragraph(text: Any) -> str:

@@ -5,15 +5,27 @@ misspelled key (`trainer.max_epoch=1`) or a value of the wrong type (`trainer.ma
 config is composed, before anything is built. The `dataset`, `model` and `optimizer` groups stay free-form: their
 keys are the arguments of the `_target_` they instantiate, which is checked when it is called.
 
+Two rules the schema alone cannot enforce are checked by `check_config` before a run starts: Hydra adds a key given
+with `+` (`+trainer.max_step=5`) even to a typed node, so such keys are rejected here like misspelled ones; and a
+non-finite number (nan, inf) is rejected wherever the runner owns the value or a dataset/model builder receives it
+(the optimizer's own options record checks its keys).
+
 `register_configs()` must run before Hydra composes the config (`run.py` and the tests call it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from optimizers.checks import finite
+from runner.errors import unknown_key_message
 
 
 @dataclass
@@ -43,6 +55,14 @@ class LoggerConfig:
 
 
 @dataclass
+class TuneConfig:  # what run.py returns to a sweeper such as hydra/sweeper=optuna (runner/tuning.py)
+    metric: str = "eval/accuracy"  # a column of metrics.jsonl
+    objective: str = "best"  # best | final | steps_to_target | time_to_target
+    mode: str = "auto"  # auto | max | min: which way the metric improves (auto: max for accuracies)
+    target: Optional[float] = None  # the value of `metric` to reach, for the *_to_target objectives
+
+
+@dataclass
 class CurvlabConfig:
     dataset: Any = None
     model: Any = None
@@ -50,14 +70,50 @@ class CurvlabConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     seed: int = 0
-    data_root: str = "data"
+    data_root: str = "${oc.env:CURVLAB_DATA,${curvlab_cache:data}}"  # conf/config.yaml sets the same default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | float64
     threads: Optional[int] = None  # torch's CPU threads; null = torch's default (one per core)
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def cache_dir(*parts: str) -> str:
+    """`$XDG_CACHE_HOME/curvlab/<parts>`, or `~/.cache/curvlab/<parts>` when XDG_CACHE_HOME is unset or empty (as the
+    XDG Base Directory Specification says), with `~` expanded. The default data folder: outside the code."""
+    return os.path.join(os.path.expanduser(os.environ.get("XDG_CACHE_HOME") or "~/.cache"), "curvlab", *parts)
 
 
 def register_configs() -> None:
-    """Register the schema that `conf/config.yaml` lists first in its defaults; the trainer and logger groups
-    are merged into its typed `trainer` and `logger` fields."""
+    """Register the schema that `conf/config.yaml` lists first in its defaults (the trainer and logger groups are
+    merged into its typed `trainer` and `logger` fields) and the `${curvlab_cache:...}` resolver of `data_root`."""
     ConfigStore.instance().store(name="curvlab_schema", node=CurvlabConfig)
+    OmegaConf.register_new_resolver("curvlab_cache", cache_dir, replace=True)
+
+
+TYPED = {"": CurvlabConfig, "trainer": TrainerConfig, "logger": LoggerConfig}  # where a key must be a field
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Reject keys added with `+` to the typed parts, and non-finite numbers outside the optimizer group."""
+    for group, schema in TYPED.items():
+        valid = [f.name for f in dataclasses.fields(schema)]
+        for key in (cfg[group] if group else cfg):
+            if key not in valid and key != "hydra":
+                raise ValueError(unknown_key_message(f"{group}.{key}" if group else str(key), valid))
+    for key in cfg:
+        if key not in ("optimizer", "hydra"):
+            _check_finite(str(key), OmegaConf.to_container(cfg[key], resolve=True)
+                          if OmegaConf.is_config(cfg[key]) else cfg[key])
+
+
+def _check_finite(key: str, value: Any) -> None:
+    """OptionError (`dataset.noise=nan must be a finite number.`) for the first nan or inf under `key`."""
+    if isinstance(value, float) and not math.isfinite(value):
+        finite(key, value)
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            _check_finite(f"{key}.{name}", item)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_finite(f"{key}[{i}]", item)

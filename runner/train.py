@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import os
 import logging
 import sys
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.batching import make_batches
+from optimizers.checks import check_call
 from optimizers.losses import get_loss
 from optimizers.objective import Objective
 from runner.checkpoint import save_checkpoint
@@ -34,6 +34,7 @@ from runner.device import resolve_device, resolve_dtype, synchronize
 from runner.evaluate import evaluate
 from runner.metadata import write_config, write_run_info, write_summary
 from runner.metrics import JSONLSink, MetricsLogger, Sink, first_nonfinite
+from runner.schema import check_config
 from runner.seeding import seed_everything
 from runner.wandb_sink import WandbSink
 
@@ -58,12 +59,13 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     after the output folder exists leaves a summary.json with status "error".
     """
     cfg = copy.deepcopy(cfg)
-    cfg.data_root = os.path.normpath(hydra.utils.to_absolute_path(cfg.data_root))  # relative to the launch folder
+    cfg.data_root = _data_root(cfg.data_root)
     out = _output_dir(output_dir)
     write_config(cfg, out)
     threads = torch.get_num_threads()
     run: _Run | None = None
     try:
+        check_config(cfg)
         if cfg.threads is not None:
             if cfg.threads < 1:
                 raise ValueError(f"threads={cfg.threads} must be a positive integer (or null for torch's default).")
@@ -281,22 +283,33 @@ def _total_steps(trainer: DictConfig, steps_per_epoch: int) -> int:
     return min(limits)
 
 
+def _data_root(path: str) -> str:
+    """`path` with `~` and environment variables expanded, relative to the launch folder, normalised."""
+    return os.path.normpath(hydra.utils.to_absolute_path(os.path.expanduser(os.path.expandvars(path))))
+
+
 def _objective_options(options: DictConfig) -> dict[str, Any]:
-    options = OmegaConf.to_container(options, resolve=True)
-    batch_arguments = ("model", "loss_fn", "inputs", "targets")
-    valid = [name for name in inspect.signature(Objective).parameters if name not in batch_arguments]
-    for key in options:
-        if key not in valid:
-            raise ValueError(
-                f"objective.{key} is not an option of the curvature objective. Valid keys: {', '.join(valid)}."
-            )
-    return options
+    """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step)."""
+    batch = ("model", "loss_fn", "inputs", "targets")
+    return check_call("objective", Objective, OmegaConf.to_container(options, resolve=True), supplied=batch)
 
 
-def _build(node: DictConfig, key: str, *args: Any, **kwargs: Any) -> Any:
-    """hydra.utils.instantiate, letting the builder's own ValueError / FileNotFoundError through unwrapped."""
+def _build(node: DictConfig, key: str, **supplied: Any) -> Any:
+    """hydra.utils.instantiate, letting the builder's own ValueError / FileNotFoundError through unwrapped.
+
+    The dataset and model groups are checked first against their builder's signature: unknown, missing and
+    wrongly typed keys name `<key>.<name>` (`model.hidden=abc must be a list of integers, e.g. [1,2].`). The
+    optimizer group is partial: its class checks its own options when the runner calls it with the parameters.
+    """
+    if not node.get("_partial_", False):
+        try:
+            target = hydra.utils.get_method(node._target_)
+        except Exception as exc:  # noqa: BLE001 -- ImportError, AttributeError, ...: a bad _target_
+            raise ValueError(f"{key}._target_={node._target_} cannot be imported: {exc}") from None
+        check_call(key, target, {k: v for k, v in node.items() if not str(k).startswith("_")},
+                   supplied=tuple(supplied))
     try:
-        return hydra.utils.instantiate(node, *args, **kwargs)
+        return hydra.utils.instantiate(node, **supplied)
     except InstantiationException as exc:
         cause = exc.__cause__
         if isinstance(cause, (ValueError, FileNotFoundError)):

@@ -85,21 +85,21 @@ def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[
 
         def setup(backend=backend) -> None:
             o = Objective(model, "cross_entropy", x, y, ggn_backend=backend)
-            o.gradient(curvature="ggn")
+            o.gradient("ggn")
             o.ggn_vp(v)
 
-        obj.gradient(curvature="ggn")
+        obj.gradient("ggn")
         product = median_time(lambda: obj.ggn_vp(v), repeats, device)
         rows.append((f"GGN-vector product [{backend}]", product))
         rows.append((f"  batch set-up + first product [{backend}]", median_time(setup, max(1, repeats // 2), device)))
     hvp_backends = HVP_BACKENDS if backends else ("double_backward",)
     for backend in hvp_backends:
         obj = Objective(model, "cross_entropy", x, y, hvp_backend=backend)
-        obj.gradient(curvature="hessian")
+        obj.gradient("hessian")
         rows.append((f"Hessian-vector product [{backend}]", median_time(lambda: obj.hvp(v), repeats, device)))
 
     obj = Objective(model, "cross_entropy", x, y)
-    g = obj.gradient(curvature="ggn")
+    g = obj.gradient("ggn")
     iters = 10
     cg_time = median_time(lambda: pcg(lambda d: obj.ggn_vp(d) + 1.0 * d, -g, min_iters=iters, max_iters=iters,
                                       martens_tol=0.0, store_iterates=False), max(1, repeats // 2), device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -35,6 +36,17 @@ INVOCATIONS: dict[str, tuple[list[str], dict[str, str]]] = {
     "unwritable_output": (["hydra.run.dir=/proc/forbidden/run"], {}),
     "impossible_shape": (["model=simple_cnn", "hydra.run.dir=OUT/run"], {}),
     "missing_data": (["dataset=cifar10", "data_root=OUT/empty", "hydra.run.dir=OUT/run"], {}),
+    # issue 6: every free-form group names the key; nan/inf and + keys in the typed groups are rejected (more cases
+    # of the same mechanisms run in-process in test_runner.py, test_data.py and test_models.py)
+    "lr_abc": (["optimizer.lr=abc", "hydra.run.dir=OUT/run"], {}),
+    "hidden_abc": (["model.hidden=abc", "hydra.run.dir=OUT/run"], {}),
+    "momentum_negative": (["optimizer.momentum=-1", "hydra.run.dir=OUT/run"], {}),
+    "lr_nan": (["optimizer.lr=nan", "hydra.run.dir=OUT/run"], {}),
+    "plus_trainer_key": (["+trainer.max_step=5", "hydra.run.dir=OUT/run"], {}),
+    "plus_top_level_key": (["+sed=1", "hydra.run.dir=OUT/run"], {}),
+    "unknown_model_key": (["+model.width=3", "hydra.run.dir=OUT/run"], {}),
+    "dataset_inf": (["dataset=sine", "model=sine_mlp", "dataset.noise=inf", "hydra.run.dir=OUT/run"], {}),
+    "seed_nan": (["seed=nan", "hydra.run.dir=OUT/run"], {}),
     "debug_traceback": (["optimizer=foo"], {"CURVLAB_DEBUG": "1"}),
 }
 
@@ -126,24 +138,45 @@ def test_divergence_exits_3_and_names_the_step(cli):
     assert (run.folder / "run" / "checkpoint.pt").is_file()
 
 
+TRAINER_KEYS = ("batch_size, batching, checkpoint, drop_last, eval_batch_size, eval_every, log_every, max_epochs, "
+                "max_steps")
+
+
 @pytest.mark.parametrize(
-    "name, message",
+    "name, match",
     [
-        ("unknown_choice", "'foo' is not a choice of the config group 'optimizer'. Valid choices for optimizer: adahessian, adam,"),
-        ("misspelled_key", "'trainer.max_epoch' is not a config key (misspelled?). Valid keys under trainer:"),
-        ("wrong_type", "invalid override trainer.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),
-        ("unwritable_output", "cannot create the output folder '/proc/forbidden"),
-        ("impossible_shape", "Model 'simple_cnn' got dataset input_shape=(1, 8, 8)"),
-        ("missing_data", "Dataset 'cifar10' was not found"),
+        ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: "
+                           r"adahessian, adam,"),
+        ("misspelled_key", rf"'trainer\.max_epoch' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
+                           rf"{TRAINER_KEYS}, num_workers, progress\.$"),
+        ("wrong_type", r"invalid override trainer\.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),
+        ("unwritable_output", r"cannot create the output folder '/proc/forbidden"),
+        ("impossible_shape", r"Model 'simple_cnn' got dataset input_shape=\(1, 8, 8\)"),
+        ("missing_data", r"Dataset 'cifar10' was not found"),
+        ("lr_abc", r"optimizer\.lr=abc must be a finite number"),
+        ("hidden_abc", r"model\.hidden=abc must be a list of integers, e\.g\. \[1,2\]\.$"),
+        ("momentum_negative", r"optimizer\.momentum=-1(\.0)? must "),
+        ("lr_nan", r"optimizer\.lr=nan must be a finite number"),
+        ("plus_trainer_key", rf"'trainer\.max_step' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
+                             rf"{TRAINER_KEYS}, num_workers, progress\.$"),  # the same message as a misspelled key
+        ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
+                               r"data_root, dataset, device, dtype, logger, model, objective, optimizer, seed, "
+                               r"threads, trainer, tune\.$"),
+        ("unknown_model_key", r"model\.width is not an option of model 'build_mlp'\. Valid keys: hidden, activation, "
+                              r"bias\.$"),
+        ("dataset_inf", r"dataset\.noise=inf must be a finite number\.$"),
+        ("seed_nan", r"invalid override seed=nan: .*could not be converted to Integer"),
     ],
 )
-def test_bad_input_gives_one_paragraph_and_exit_code_2(cli, name, message):
+def test_bad_input_gives_one_paragraph_and_exit_code_2(cli, name, match):
     run = cli[name]
-    assert run.returncode == 2
+    assert run.returncode == 2, run.stderr
     errors = [line for line in run.stderr.splitlines() if line.startswith("curvlab: error: ")]
-    assert len(errors) == 1 and errors[0].startswith(f"curvlab: error: {message}"), run.stderr
+    assert len(errors) == 1, run.stderr
+    assert re.match(match, errors[0].removeprefix("curvlab: error: ")), errors[0]
     assert "Traceback" not in run.stderr and "Error executing job" not in run.stderr
-    assert run.stderr.strip().splitlines()[-1] == errors[0]
+    assert run.stderr.strip().splitlines()[-1] == errors[0]  # one paragraph: nothing after it
+    assert not list(run.folder.glob("run/metrics.jsonl"))  # rejected before the first step
 
 
 def test_curvlab_debug_shows_the_traceback(cli):

@@ -3,17 +3,19 @@ their real on-disk formats), on-device batching, the synthetic problems, and eve
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
 import struct
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -22,6 +24,7 @@ from data.digits import build_digits
 from data.imagenet import build_imagenet
 from data.synthetic import build_logreg2d, build_rahimi_recht, build_rosenbrock, build_sine, rahimi_recht_matrix
 from data.vision import build_cifar10, build_cifar100, build_fashion_mnist, build_mnist
+from optimizers.checks import OptionError, check_call
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 DATA_ROOT = os.environ.get("CURVLAB_DATA")
@@ -65,11 +68,48 @@ def test_missing_files_error(tmp_path, build, name, folder):
         build(str(tmp_path))
 
 
-def test_unknown_option_is_named():
-    with pytest.raises(ValueError, match=r"dataset\.colour='red' for dataset 'sine'.*num_samples"):
-        build_sine(None, colour="red")
-    with pytest.raises(ValueError, match=r"dataset\.augment"):
-        build_mnist("/nonexistent", augment=True)
+def test_unknown_option_and_wrong_type_are_named_from_the_signature():
+    """What the runner checks before it calls a builder (optimizers.checks.check_call on its annotations)."""
+    valid = "Valid keys: root, download, num_samples, num_test, noise, seed."
+    with pytest.raises(OptionError, match=rf"^dataset\.colour is not an option of dataset 'build_sine'\. {valid}$"):
+        check_call("dataset", build_sine, {"colour": "red"})
+    with pytest.raises(OptionError, match=r"^dataset\.augment is not an option of dataset 'build_mnist'\. "
+                                          r"Valid keys: root, download\.$"):
+        check_call("dataset", build_mnist, {"root": "/x", "augment": True})
+    with pytest.raises(OptionError, match=r"^dataset\.noise=abc must be a finite number\.$"):
+        check_call("dataset", build_sine, {"noise": "abc"})
+    with pytest.raises(OptionError, match=r"^dataset\.num_test=2\.5 must be an integer\.$"):
+        check_call("dataset", build_digits, {"num_test": 2.5})
+    with pytest.raises(OptionError, match=r"^dataset\.root is missing: dataset 'build_cifar10' needs it"):
+        check_call("dataset", build_cifar10, {"augment": True})
+    assert check_call("dataset", build_imagenet, {"root": "/x", "path": None, "image_size": 64}) == {
+        "root": "/x", "path": None, "image_size": 64}
+
+
+@pytest.mark.parametrize(
+    "build, options, message",
+    [
+        (build_sine, {"num_test": 0}, r"dataset\.num_test=0 must be an integer >= 1\."),
+        (build_sine, {"noise": -0.1}, r"dataset\.noise=-0\.1 must be a finite number >= 0\."),
+        (build_logreg2d, {"num_train": True}, r"dataset\.num_train=True must be an integer >= 1\."),
+        (build_digits, {"num_test": 1790}, r"dataset\.num_test=1790 must leave training images: at most 1787"),
+        (build_rahimi_recht, {"condition": 0.5}, r"dataset\.condition=0\.5 must be a finite number >= 1"),
+        (build_rahimi_recht, {"x_dim": 0}, r"dataset\.x_dim=0 must be an integer >= 1\."),
+        (build_rosenbrock, {"l1": -1.0}, r"dataset\.l1=-1\.0 must be a finite number >= 0\."),
+    ],
+)
+def test_builders_check_value_ranges_with_the_shared_checks(build, options, message):
+    with pytest.raises(OptionError, match=f"^{message}"):
+        build(None, **options)
+
+
+def test_every_dataset_builder_annotates_every_option():
+    """check_call can only check the types it is told: every option of every conf/dataset target is annotated."""
+    for path in sorted(CONF_DIR.glob("*.yaml")):
+        fn = get_method(OmegaConf.load(path)._target_)
+        hints = typing.get_type_hints(fn)
+        for name, parameter in inspect.signature(fn).parameters.items():
+            assert parameter.kind is parameter.VAR_KEYWORD or name in hints, (path.name, name)
 
 
 # ---------------------------------------------------------------- CIFAR (small files in the real pickle format)
@@ -368,7 +408,7 @@ def test_rosenbrock_noise():
     noisy = build_rosenbrock(None, l1=0.0, l2=3.0, num_samples=2000, seed=1).train.inputs
     assert 0.0 <= noisy.min().item() and noisy.max().item() <= 3.0
     assert noisy.mean().item() == pytest.approx(1.5, abs=0.1)
-    with pytest.raises(ValueError, match=r"dataset\.l1=2.0, dataset\.l2=1.0"):
+    with pytest.raises(ValueError, match=r"^dataset\.l2=1\.0 must be >= dataset\.l1=2: the noise is drawn from U\["):
         build_rosenbrock(None, l1=2.0, l2=1.0)
 
 

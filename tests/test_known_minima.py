@@ -20,7 +20,7 @@ CASES = [
     ("newton-explicit", lambda p: Newton(p, solver="explicit"), 19, 24),
     ("newton-cg", lambda p: Newton(p, solver="cg"), 19, 24),
     ("hf", lambda p: HessianFree(p), 15, 19),
-    ("curveball", lambda p: CurveBall(p, lambda0=1.0), 30, 38),  # lambda0=10 (no-BN default): 213 steps
+    ("curveball", lambda p: CurveBall(p, damping=1.0), 30, 38),  # damping=10 (no-BN default): 213 steps
     ("lbfgs", lambda p: LBFGS(p), 35, 44),
     ("nlcg", lambda p: NLCG(p), 31, 39),
 ]

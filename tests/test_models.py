@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from pathlib import Path
 
 import hydra.utils
@@ -20,6 +22,7 @@ from models.resnet import build_resnet18
 from models.simple_cnn import SAME_PAD_4x4, build_simple_cnn
 from models.timm_model import build_timm
 from models.vgg import build_vgg_f, min_input_size
+from optimizers.checks import OptionError, check_call
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -311,18 +314,23 @@ def test_vgg_f_accepts_its_minimum_size_and_rejects_one_pixel_less() -> None:
         (lambda: build_vgg_f(CIFAR, 10), r"'vgg_f'.*input_shape=\(3, 32, 32\).*at least 55x55"),
         (lambda: build_cifar_basic_cnn((784,), 10), r"'cifar_basic_cnn'.*input_shape=\(784,\).*\(C, H, W\)"),
         (lambda: build_resnet18((2,), 2), r"'resnet18'.*input_shape=\(2,\)"),
-        (lambda: build_mlp(MNIST, 10, activation="swish"), r"activation='swish'.*relu, tanh, sigmoid, gelu"),
-        (lambda: build_mlp(MNIST, 10, hidden=[0]), r"hidden=\[0\].*positive integers"),
-        (lambda: build_timm(CIFAR, 10, name="resnet181"), r"name='resnet181'.*Close matches: .*resnet18"),
+        (lambda: build_mlp(MNIST, 10, activation="swish"),
+         r"^model\.activation=swish is not one of: relu, tanh, sigmoid, gelu, identity\.$"),
+        (lambda: build_mlp(MNIST, 10, hidden=[0]), r"^model\.hidden\[0\]=0 must be an integer >= 1\.$"),
+        (lambda: build_mlp(MNIST, 10, hidden=[2.5]), r"^model\.hidden\[0\]=2\.5 must be an integer >= 1\.$"),
+        (lambda: build_timm(CIFAR, 10, name="resnet181"),
+         r"^model\.name=resnet181 is not a timm architecture\. Close matches: .*resnet18"),
         (lambda: build_rosenbrock((1,), 10), r"'rosenbrock'.*num_outputs=10.*num_outputs=2"),
-        (lambda: build_rosenbrock((1,), 2, init=[0.0]), r"init=\[0.0\].*starting point"),
-        (lambda: build_cifar_basic_cnn(CIFAR, 10, dropout=1.5), r"dropout=1.5.*\[0, 1\)"),
+        (lambda: build_rosenbrock((1,), 2, init=[0.0]), r"^model\.init=\[0\.0\] must be a list of 2 items\.$"),
+        (lambda: build_cifar_basic_cnn(CIFAR, 10, dropout=1.5), r"^model\.dropout=1\.5 must lie in \[0, 1\)\.$"),
+        (lambda: build_vgg_f(IMAGENET, 10, dropout=-0.1), r"^model\.dropout=-0\.1 must lie in \[0, 1\)\.$"),
+        (lambda: build_two_layer_linear((6,), 10, hidden=0), r"^model\.hidden=0 must be an integer >= 1\.$"),
         (lambda: build_mlp(MNIST, 0), r"num_outputs=0"),
     ],
     ids=[
         "simple_cnn-on-cifar", "vgg_f-on-cifar", "basic_cnn-on-vectors", "resnet-on-vectors",
-        "unknown-activation", "bad-hidden", "unknown-timm-name", "rosenbrock-outputs",
-        "rosenbrock-init", "bad-dropout", "zero-outputs",
+        "unknown-activation", "bad-hidden", "fractional-hidden", "unknown-timm-name", "rosenbrock-outputs",
+        "rosenbrock-init", "bad-dropout", "bad-vgg-dropout", "bad-linear-width", "zero-outputs",
     ],  # fmt: skip
 )
 def test_impossible_combinations_raise_clear_errors(build, match: str) -> None:
@@ -333,5 +341,30 @@ def test_impossible_combinations_raise_clear_errors(build, match: str) -> None:
 def test_bad_activation_from_yaml_override_is_reported() -> None:
     cfg = OmegaConf.load(CONF_DIR / "mlp.yaml")
     cfg.activation = "softplus"
-    with pytest.raises(InstantiationException, match="activation='softplus'"):
+    with pytest.raises(InstantiationException, match="model.activation=softplus is not one of"):
         hydra.utils.instantiate(cfg, input_shape=MNIST, num_outputs=10)
+
+
+def test_every_model_builder_annotates_every_option():
+    """check_call can only check the types it is told: every option of every conf/model target is annotated."""
+    for path in sorted(CONF_DIR.glob("*.yaml")):
+        fn = hydra.utils.get_method(OmegaConf.load(path)._target_)
+        hints = typing.get_type_hints(fn)
+        for name, parameter in inspect.signature(fn).parameters.items():
+            assert parameter.kind is parameter.VAR_KEYWORD or name in hints, (path.name, name)
+
+
+def test_model_options_are_checked_against_the_builder_signature():
+    supplied = ("input_shape", "num_outputs")
+    with pytest.raises(OptionError, match=r"^model\.hidden=abc must be a list of integers, e.g\. \[1,2\]\.$"):
+        check_call("model", build_mlp, {"hidden": "abc"}, supplied=supplied)
+    with pytest.raises(OptionError, match=r"^model\.width is not an option of model 'build_mlp'\. "
+                                          r"Valid keys: hidden, activation, bias\.$"):
+        check_call("model", build_mlp, {"width": 3}, supplied=supplied)
+    with pytest.raises(OptionError, match=r"^model\.input_shape is not an option of model 'build_mlp'"):
+        check_call("model", build_mlp, {"input_shape": [1]}, supplied=supplied)  # the dataset supplies it
+    with pytest.raises(OptionError, match=r"^model\.cifar_stem=maybe must be true or false or null\.$"):
+        check_call("model", build_resnet18, {"cifar_stem": "maybe"}, supplied=supplied)
+    with pytest.raises(OptionError, match=r"^model\.name is missing: model 'build_timm' needs it"):
+        check_call("model", build_timm, {}, supplied=supplied)
+    assert check_call("model", build_timm, {"name": "resnet18", "drop_rate": 0.1}, supplied=supplied)  # **kwargs

@@ -104,6 +104,7 @@ def test_regression_dataset_logs_loss_without_accuracy(tmp_path):
 
 
 @needs_mnist
+@pytest.mark.slow
 def test_mnist_mlp_sgd_one_epoch_reaches_95_percent(tmp_path):
     result = train(make_config("dataset=mnist", "model=mlp", "optimizer=sgd", "trainer.max_epochs=1"), tmp_path)
     assert result.steps == 469  # ceil(60,000 / 128)
@@ -230,9 +231,24 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["trainer.max_epochs=null"], ValueError, r"trainer.max_epochs=N"),
         (["trainer.log_every=0"], ValueError, r"trainer.log_every=0 must be a positive integer"),
         (["+objective.damping=1"], ValueError, r"objective.damping.*ggn_backend"),
+        (["objective.curvature_batch_size=abc"], ValueError, r"^objective.curvature_batch_size=abc must be an"),
         (["model=simple_cnn"], ValueError, r"simple_cnn.*\(1, 28, 28\)"),  # digits are 8x8
-        (["+model.width=3"], TypeError, r"model: models.mlp.build_mlp rejected its arguments.*width"),
-        (["+optimizer.lrr=1"], TypeError, r"optimizer: .*lrr"),
+        (["+model.width=3"], ValueError, r"^model.width is not an option of model 'build_mlp'. Valid keys: hidden,"),
+        (["model.hidden=abc"], ValueError, r"^model.hidden=abc must be a list of integers, e.g. \[1,2\].$"),
+        (["dataset.num_test=0"], ValueError, r"^dataset.num_test=0 must be an integer >= 1.$"),
+        (["model.hidden=[64,0]"], ValueError, r"^model.hidden\[1\]=0 must be an integer >= 1.$"),
+        (["+dataset.colour=red"], ValueError,
+         r"^dataset.colour is not an option of dataset 'build_digits'. Valid keys: root, download, num_test, "
+         r"split_seed.$"),
+        (["model._target_=models.nothing.build"], ValueError, r"^model._target_=models.nothing.build cannot be"),
+        (["+trainer.max_step=5"], ValueError, r"^'trainer.max_step' is not a config key \(misspelled\?\). Valid keys "
+                                              r"under trainer: batch_size, .*max_steps"),
+        (["+logger.projekt=x"], ValueError, r"^'logger.projekt' is not a config key .*Valid keys under logger: entity"),
+        (["+sed=1"], ValueError, r"^'sed' is not a config key .*Valid keys under the top level: data_root, dataset,"),
+        (["dataset=sine", "dataset.noise=inf"], ValueError, r"^dataset.noise=inf must be a finite number.$"),
+        (["dataset=rosenbrock", "model=rosenbrock", "model.init=[1,nan]"], ValueError,
+         r"^model.init\[1\]=nan must be a finite number.$"),
+        (["+optimizer.lrr=1"], (TypeError, ValueError), r"optimizer.*lrr"),  # ValueError once Options check it
         (["dataset=cifar10", "data_root=EMPTY"], FileNotFoundError, r"Dataset 'cifar10' was not found.*data_root"),
     ],
 )
@@ -250,9 +266,46 @@ def test_composition_errors_name_the_key_and_the_choices():
     message = composition_error("trainer.max_epoch=1")
     assert "'trainer.max_epoch' is not a config key" in message and "max_epochs, max_steps" in message
     message = composition_error("optimizer.lrr=1")
-    assert "Valid keys under optimizer: lr, momentum" in message and "+optimizer.lrr" in message
+    assert "Valid keys under optimizer: dampening, gamma, lr, milestones, momentum" in message and "+optimizer.lrr" in message
     message = composition_error("trainer.max_epochs=abc")
     assert "trainer.max_epochs" in message and "could not be converted to Integer" in message
+
+
+# ---------------------------------------------------------------- data_root: a cache folder outside the code
+
+
+@pytest.mark.parametrize(
+    "env, override, expected",
+    [
+        ({"XDG_CACHE_HOME": "XDG"}, None, "XDG/curvlab/data"),
+        ({"XDG_CACHE_HOME": ""}, None, "HOME/.cache/curvlab/data"),  # empty counts as unset (XDG spec)
+        ({}, None, "HOME/.cache/curvlab/data"),
+        ({"CURVLAB_DATA": "ENV/data"}, None, "ENV/data"),
+        ({"CURVLAB_DATA": "ENV/data"}, "data_root=OTHER/data", "OTHER/data"),  # the command line wins
+        ({}, 'data_root="~/my data"', "HOME/my data"),
+        ({"MY_DATA": "ENV"}, "data_root=${oc.env:MY_DATA}/sets", "ENV/sets"),
+        ({"MY_DATA": "ENV"}, 'data_root="$MY_DATA/sets"', "ENV/sets"),
+        ({}, "data_root=rel/../data", "CWD/data"),  # relative: against the launch folder, normalised
+    ],
+)
+def test_data_root_defaults_to_a_cache_folder_outside_the_code(tmp_path, monkeypatch, env, override, expected):
+    places = {name: str(tmp_path / name.lower()) for name in ("HOME", "XDG", "ENV", "OTHER", "CWD")}
+
+    def fill(text: str) -> str:  # the placeholders above -> folders under tmp_path
+        return re.sub("|".join(places), lambda m: places[m.group(0)], text)
+
+    Path(places["CWD"]).mkdir()
+    monkeypatch.chdir(places["CWD"])
+    for name in ("CURVLAB_DATA", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(places["HOME"]))
+    for name, value in env.items():
+        monkeypatch.setenv(name, fill(value))
+    overrides = ["trainer.max_steps=1", "trainer.checkpoint=false"] + ([fill(override)] if override else [])
+    train(make_config(*overrides), tmp_path / "out")
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    assert f"data_root: {fill(expected)}\n" in saved
+    assert str(Path(__file__).resolve().parents[1] / "data") not in saved  # never the data/ package
 
 
 # ---------------------------------------------------------------- the metrics buffer
