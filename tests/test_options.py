@@ -16,12 +16,12 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch import nn
 
-from optimizers import (LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
-                        checks)
+from optimizers import (KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
+                        TorchOptim, checks)
 from runner.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-METHODS = [SGD, Adam, GradientDescent, Newton, HessianFree, CurveBall, LBFGS, NLCG]
+METHODS = [SGD, Adam, GradientDescent, Newton, HessianFree, CurveBall, LBFGS, NLCG, KFAC, TorchOptim]
 CONFIG_OVERRIDES = {"newton_cg": {"solver": "cg"}}  # what a config file deliberately changes from the class default
 # A ready config of the torch_optim adapter (soap, adahessian, ...) deliberately names its class and that class's
 # learning rate, options and backward mode (issue 10); its other keys stay at the adapter's defaults.
