@@ -140,7 +140,7 @@ class TorchOptim(Scheduled, Optimizer):
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             # Bypasses the Objective's forward cache: the graph of p.grad is what AdaHessian/Sophia differentiate.
             loss = objective.loss_fn(objective.model(objective.inputs), objective.targets)
-            eta = float(getattr(objective, "l2", 0.0))
+            eta = float(objective.l2)
             total = loss + 0.5 * eta * sum(p.pow(2).sum() for p in self.params) if eta else loss
             total.backward(create_graph=True)
         self.inner.step()

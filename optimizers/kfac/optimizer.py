@@ -95,7 +95,7 @@ class KFAC(Scheduled, Optimizer):
             inverse_time = clock.seconds
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         lr = o.lr * self.lr_scale()
-        damping = o.damping + float(getattr(objective, "l2", 0.0))
+        damping = o.damping + float(objective.l2)
         direction, nu = self._direction(grad, lr, damping)
         buffer = self.momentum_buffer.mul_(o.momentum).add_(direction)
         objective.apply(buffer, alpha=-lr)
