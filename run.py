@@ -4,66 +4,90 @@
     python run.py dataset=mnist optimizer=adam            one run -> outputs/<date>/<time>/
     python run.py -m optimizer=sgd,adam seed=0,1          a sweep -> outputs/multirun/<date_time>/<job>/
 
-Exit codes: 0 ok; 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows the traceback);
-3 training diverged. In a sweep every job runs and the exit code is the worst of them (2 before 3).
+Exit codes: 0 ok; 1 a bug (a traceback); 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows
+the traceback), including a run folder that holds another run's results; 3 training diverged; 4 interrupted by
+SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after a checkpoint (continue with trainer.resume=<folder>); 5 out of disk space;
+130 a second SIGINT (stopped at once). A sweep (-m, any launcher) reports how many jobs ended ok / diverged /
+interrupted / failed, from their summary.json files, and exits with the worst job's code.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
 
-from runner.errors import EXIT_DIVERGED, EXIT_OK, EXIT_USER_ERROR, debug_enabled, describe_user_error
+from runner.errors import (EXIT_KILLED, EXIT_OK, EXIT_USER_ERROR, debug_enabled, describe_disk_full,
+                           describe_user_error, exit_code_for, is_disk_full)
+from runner.run_dir import register_resolvers
 from runner.schema import register_configs
+from runner import sweep
 
 register_configs()
-_outcome = {"exit_code": EXIT_OK, "sweep_dir": None}
+register_resolvers()
+_outcome = {"exit_code": EXIT_OK}
 
 
 def _fail(code: int) -> None:
-    if _outcome["exit_code"] != EXIT_USER_ERROR:
-        _outcome["exit_code"] = code
+    _outcome["exit_code"] = max(_outcome["exit_code"], code, key=sweep.SEVERITY.index)
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> float | None:
-    """Train; return the tuning objective (cfg.tune, runner/tuning.py) for sweepers such as optuna (None: failed)."""
+    """Train; return the tuning objective (cfg.tune, runner/tuning.py) for sweepers such as optuna (None: failed or
+    interrupted)."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
 
     from runner import tuning
     from runner.train import train  # imported here: config errors are reported without loading torch
 
-    if HydraConfig.get().mode == RunMode.MULTIRUN:
-        _outcome["sweep_dir"] = os.path.abspath(HydraConfig.get().sweep.dir)
     try:
         tuning.check(cfg.tune, HydraConfig.get().sweeper)
         result = train(cfg)
-    except Exception as exc:
-        message = describe_user_error(exc)
-        if message is None or debug_enabled():
-            raise
-        print(f"curvlab: error: {message}", file=sys.stderr)
-        _fail(EXIT_USER_ERROR)
-        return
-    if result.status == "diverged":
-        _fail(EXIT_DIVERGED)
+    except Exception as exc:  # every job of a sweep runs, whatever another one raised
+        code = exit_code_for(exc)
+        _report_error(exc, code)
+        _fail(code)
+        return None
+    _fail(sweep.STATUS_CODES[result.status])
+    if result.status == "interrupted":
+        return None
     return tuning.objective_value(cfg.tune, result.output_dir, result.status)
+
+
+def _report_error(exc: BaseException, code: int) -> None:
+    """One paragraph on stderr for known errors; the traceback for bugs (and with CURVLAB_DEBUG=1)."""
+    if code == 1 or debug_enabled():
+        traceback.print_exception(type(exc), exc, exc.__traceback__)
+    if is_disk_full(exc):
+        print(f"curvlab: error: {describe_disk_full(exc)}", file=sys.stderr)
+    elif code != 1:
+        print(f"curvlab: error: {describe_user_error(exc)}", file=sys.stderr)
 
 
 if __name__ == "__main__":
     os.environ["HYDRA_FULL_ERROR"] = "1"  # config errors reach the handler below instead of Hydra's printer
     try:
         main()
+    except sweep.FolderRefused as exc:
+        print(f"curvlab: error: {exc}", file=sys.stderr)
+        _fail(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact).",
+              file=sys.stderr)
+        _fail(EXIT_KILLED)
     except Exception as exc:
         message = describe_user_error(exc, during_job=False)
-        if message is None or debug_enabled():
+        if "sweep" not in sweep.started and (message is None or debug_enabled()):
             raise
+        if message is None:  # a launcher failed on a job (e.g. submitit's FailedJobError): the report below says more
+            message = " ".join(f"{type(exc).__name__}: {exc}".split())[:500]
         print(f"curvlab: error: {message}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
-    if _outcome["sweep_dir"]:
-        print(f"curvlab: results in {_outcome['sweep_dir']}")
+        _fail(EXIT_USER_ERROR if "sweep" not in sweep.started else 1)
+    if "sweep" in sweep.started:
+        _fail(sweep.report(sweep.started["sweep"]))
+        print(f"curvlab: results in {sweep.started['sweep']}")
     sys.exit(_outcome["exit_code"])

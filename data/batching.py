@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from data.base import TensorPairDataset
 
@@ -27,7 +27,12 @@ MODES = ("shuffle", "fixed", "full", "sequential")
 
 
 class Batches:
-    """Iterable over ONE epoch of ``(inputs, targets)`` per ``iter()``; ``len()`` is the number of steps per epoch."""
+    """Iterable over ONE epoch of ``(inputs, targets)`` per ``iter()``; ``len()`` is the number of steps per epoch.
+
+    Resumable mid-epoch: ``state_dict()`` holds the shuffling generator's state at the start of the current epoch and
+    the number of batches already handed out in it; after ``load_state_dict`` the next ``iter()`` draws the same
+    permutation again and starts at the next batch, without touching the batches it skips.
+    """
 
     num_samples: int
 
@@ -37,6 +42,9 @@ class Batches:
         self.mode = mode
         self.drop_last = drop_last
         self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0  # batches handed out in the current epoch
+        self._epoch_start: Tensor | None = None  # the generator's state when the current epoch began
+        self._skip = 0  # batches to skip at the next iter() (set by load_state_dict)
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -44,14 +52,27 @@ class Batches:
         return math.ceil(self.num_samples / self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        start, self._skip = self._skip, 0
+        self._epoch_start = self.generator.get_state()
+        self.position = start
+        for batch in self._epoch(start):
+            self.position += 1  # counted before the batch is used, so a checkpoint after its step includes it
+            yield batch
+
+    def _epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of one epoch from batch number ``start`` on (drawing this epoch's order first)."""
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
-        """The shuffling generator's state, so a resumed run continues with the same permutations."""
-        return {"generator": self.generator.get_state()}
+        """The batch order's position: the generator's state at the epoch start and the batches used since."""
+        if self._epoch_start is None or self.position >= len(self):  # between two epochs
+            return {"generator": self.generator.get_state(), "position": 0}
+        return {"generator": self._epoch_start.clone(), "position": self.position}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self._skip = int(state.get("position", 0))
+        self._epoch_start, self.position = None, 0
 
 
 class TensorBatches(Batches):
@@ -75,20 +96,40 @@ class TensorBatches(Batches):
             order = torch.randperm(self.num_samples, generator=self.generator).to(self.inputs.device)
             self.inputs, self.targets = self.inputs[order], self.targets[order]
 
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
         b = self.batch_size
         if self.mode == "shuffle":
             order = torch.randperm(self.num_samples, generator=self.generator).to(self.inputs.device)
-            for start in range(0, len(self) * b, b):
-                index = order[start : start + b]
+            for first in range(start * b, len(self) * b, b):
+                index = order[first : first + b]
                 yield self.inputs.index_select(0, index), self.targets.index_select(0, index)
         else:
-            for start in range(0, len(self) * b, b):
-                yield self.inputs[start : start + b], self.targets[start : start + b]
+            for first in range(start * b, len(self) * b, b):
+                yield self.inputs[first : first + b], self.targets[first : first + b]
+
+
+class _EpochOrder(Sampler):
+    """The sample indices of the rest of the current epoch (set by ``LoaderBatches`` before each epoch). The
+    DataLoader iterates its sampler in the main process, so this works with persistent workers too."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class LoaderBatches(Batches):
-    """Batches from a ``DataLoader`` (images decoded and augmented on the fly), moved to the device per step."""
+    """Batches from a ``DataLoader`` (images decoded and augmented on the fly), moved to the device per step.
+
+    The epoch's order is drawn here (not by the DataLoader), so it resumes mid-epoch like ``TensorBatches``. The
+    workers' seeds come from a second generator that is part of the state too. Augmentation randomness resumes bit
+    for bit with ``num_workers=0`` (it then uses the main process's torch generator, which a checkpoint restores);
+    with workers, a resumed epoch re-seeds them, so its augmentations differ from the uninterrupted run's.
+    """
 
     def __init__(
         self,
@@ -104,31 +145,44 @@ class LoaderBatches(Batches):
         super().__init__(len(dataset), batch_size, mode, drop_last, seed)
         self.device = torch.device(device)
         self.dtype = dtype
-        sampler = None
-        if mode == "fixed":
-            sampler = torch.randperm(self.num_samples, generator=self.generator).tolist()
+        self.fixed_order = torch.randperm(self.num_samples, generator=self.generator) if mode == "fixed" else None
+        self.worker_seeds = torch.Generator().manual_seed(seed + 1)
+        self._order = _EpochOrder()
+        self._workers_start = self.worker_seeds.get_state()
         self.loader = DataLoader(
             dataset,
             batch_size=batch_size,
-            shuffle=mode == "shuffle",
-            sampler=sampler,
+            sampler=self._order,
             drop_last=drop_last,
             num_workers=num_workers,
             pin_memory=self.device.type == "cuda",
             persistent_workers=num_workers > 0,
-            generator=self.generator,
+            generator=self.worker_seeds,
         )
 
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def _epoch(self, start: int) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.mode == "shuffle":
+            order = torch.randperm(self.num_samples, generator=self.generator)
+        else:
+            order = self.fixed_order if self.fixed_order is not None else torch.arange(self.num_samples)
+        self._order.indices = order[start * self.batch_size :].tolist()
+        self._workers_start = self.worker_seeds.get_state()  # the DataLoader draws this epoch's worker seed from it
         for inputs, targets in self.loader:
             targets_dtype = self.dtype if targets.is_floating_point() else torch.long
             yield (
                 inputs.to(self.device, self.dtype, non_blocking=True),
                 targets.to(self.device, targets_dtype, non_blocking=True),
             )
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        mid_epoch = state["position"] > 0
+        return {**state, "worker_seeds": self._workers_start if mid_epoch else self.worker_seeds.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        if "worker_seeds" in state:
+            self.worker_seeds.set_state(state["worker_seeds"])
 
 
 def make_batches(

@@ -13,6 +13,7 @@ import torch
 from torchvision import datasets, transforms
 
 from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
+from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file
 from optimizers.checks import boolean
 
 MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
@@ -45,7 +46,13 @@ def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: st
 def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool) -> Splits:
     root = resolve_root(name, root)
     folder = os.path.join(root, cls.__name__, "raw")
+    files = [os.path.join(folder, f"{split}-{kind}") for split in ("train", "t10k")
+             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    if all(os.path.isfile(f) for f in files):
+        check_mnist_folder(name, folder)  # present but cut short or not idx files: say which (not "not found")
     train, test = _load_torchvision(name, cls, root, folder, MNIST_FILES, download)
+    for split, data in (("train", train), ("t10k", test)):
+        check_labels(name, os.path.join(folder, f"{split}-labels-idx1-ubyte"), data.targets.numpy(), 10)
     # Read the uint8 tensors torchvision already parsed ((N, 28, 28)); never go through PIL images.
     splits = [
         TensorPairDataset(_normalised(d.data.unsqueeze(1), (mean,), (std,)), d.targets.long()) for d in (train, test)
@@ -88,7 +95,7 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
     folder = os.path.join(root, stock.base_folder)
     files = [f for f, _ in stock.train_list + stock.test_list] + [stock.meta["filename"]]
     expected = f"torchvision's python-version batches in {stock.base_folder}/ ({', '.join(files)})"
-    train, test = _load_torchvision(name, stock if download else local, root, folder, expected, download)
+    train, test = _load_cifar(name, stock if download else local, root, folder, files, expected, download, classes)
 
     def in_memory(d) -> TensorPairDataset:  # d.data is uint8 (N, 32, 32, 3)
         images = torch.from_numpy(d.data).permute(0, 3, 1, 2)
@@ -107,6 +114,22 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
     )
     # Augmented training samples are made per step (DataLoader path); the test split stays in memory.
     return Splits(name, train, test_set, (3, 32, 32), classes, "cross_entropy", in_memory=False)
+
+
+def _load_cifar(name: str, cls: type, root: str, folder: str, files: list[str], expected: str, download: bool,
+                classes: int):
+    """torchvision's CIFAR splits. When every file is present, a failure to read them, or a label out of range,
+    names the culprit file instead of reporting the dataset as missing."""
+    present = all(os.path.isfile(os.path.join(folder, f)) for f in files)
+    try:
+        train, test = _load_torchvision(name, cls, root, folder, expected, download)
+    except Exception:
+        if present:
+            find_bad_cifar_file(name, folder, files, classes)
+        raise
+    if any(t < 0 or t >= classes for data in (train, test) for t in data.targets):
+        find_bad_cifar_file(name, folder, files, classes)
+    return train, test
 
 
 def build_cifar10(root: str, download: bool = False, *, augment: bool = False) -> Splits:

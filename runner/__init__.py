@@ -6,7 +6,13 @@
     metrics     metric rows, their buffer and the metrics.jsonl sink
     wandb_sink  the optional Weights & Biases sink
     metadata    config.yaml, run_info.json, summary.json
-    checkpoint  checkpoint.pt
+    checkpoint  checkpoint.pt: atomic writes, weights_only loading, the checkpoint schedule
+    resume      what a checkpoint holds, whether and from where a run resumes
+    signals     SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT -> stop after the current step
+    run_dir     unique run and sweep folders, the same for every rank; refusing folders with results
+    distributed rank, world size, process group (torchrun, submitit), collective helpers
+    sweep       the sweep report of the launching command, folder checks before Hydra writes
+    gpu_lock    one GPU per job for local sweeps
     device      device and dtype from the config
     seeding     seeds and random-number-generator states
     errors      user errors -> one paragraph (used by run.py)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -10,7 +12,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 def resolve_device(name: str) -> torch.device:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`, checked against this machine."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return _auto_cuda() if torch.cuda.is_available() else torch.device("cpu")
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
@@ -26,6 +28,21 @@ def resolve_device(name: str) -> torch.device:
                 f"device={name!r} does not exist: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}."
             )
     return device
+
+
+def _auto_cuda() -> torch.device:
+    """cuda:LOCAL_RANK for a rank of a multi-GPU job; a GPU of its own for each job of a local sweep
+    (runner/gpu_lock.py); else the current device."""
+    from runner.gpu_lock import claim_gpu, wanted
+
+    count = torch.cuda.device_count()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]) % count)
+    if wanted(count):
+        index = claim_gpu(count)
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
+    return torch.device("cuda")
 
 
 def resolve_dtype(name: str) -> torch.dtype:

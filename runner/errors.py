@@ -7,6 +7,7 @@ output folders that cannot be written (OSError). Anything else is a bug and keep
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 from typing import Any
@@ -16,6 +17,21 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 EXIT_OK, EXIT_USER_ERROR, EXIT_DIVERGED = 0, 2, 3
+EXIT_BUG = 1  # an unexpected exception (a traceback is printed)
+EXIT_INTERRUPTED = 4  # stopped by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after checkpointing: resumable
+EXIT_NO_SPACE = 5  # the disk (or the file-size limit) is full: every complete metrics row and the last checkpoint kept
+EXIT_KILLED = 130  # a second SIGINT: stopped at once, without a new checkpoint
+
+NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class DiskFullError(OSError):
+    """Writing a result file failed because the disk, the quota or the file-size limit is full (exit code 5)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC (no space left), EDQUOT (quota) and EFBIG (file too large, e.g. RLIMIT_FSIZE) are treated alike."""
+    return isinstance(exc, DiskFullError) or (isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS)
 
 
 def describe_user_error(exc: BaseException, during_job: bool = True) -> str | None:
@@ -42,6 +58,24 @@ def describe_user_error(exc: BaseException, during_job: bool = True) -> str | No
     if isinstance(exc, (ValueError, TypeError, OSError)):  # OSError: missing data files, unwritable folders
         return _one_paragraph(str(exc))
     return None
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """The documented exit code for an exception that ended a run (see run.py)."""
+    if is_disk_full(exc):
+        return EXIT_NO_SPACE
+    if isinstance(exc, KeyboardInterrupt):
+        return EXIT_KILLED
+    return EXIT_USER_ERROR if describe_user_error(exc) is not None else EXIT_BUG
+
+
+def describe_disk_full(exc: OSError) -> str:
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return _one_paragraph(
+        f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl "
+        f"and the last checkpoint is intact. Free some space (or raise the quota / file-size limit) and continue "
+        f"with trainer.resume=<run folder>."
+    )
 
 
 def debug_enabled() -> bool:

@@ -2,7 +2,8 @@
 
 config.yaml    the resolved config (every interpolation filled in): rerun it with `python run.py --config-path ...`
 run_info.json  code version (git commit, dirty flag), library versions, machine
-summary.json   the outcome (status ok | diverged | error, steps, final losses, best accuracy, wall time)
+summary.json   the outcome (status ok | diverged | interrupted | error, exit code, steps, final losses, best
+               accuracy, wall time, the last checkpoint's step, the run it resumed)
 """
 
 from __future__ import annotations
@@ -74,4 +75,7 @@ def _version(package: str) -> str:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    """Through a temporary file and a rename: a reader (or a crash) never sees half a file."""
+    from runner.checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, (json.dumps(data, indent=2, default=str) + "\n").encode("utf-8"))

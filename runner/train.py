@@ -3,7 +3,9 @@
 The loop, in one screen (`_Run.loop`): for each mini-batch build an `Objective` and call `optimizer.step(objective)`;
 record one metric row per step; every `trainer.log_every` steps flush the rows (stopping if the loss turned
 non-finite); evaluate on the test split every `trainer.eval_every` steps (or at each epoch end) and at the end.
-Wall-clock times cover the training steps only, never evaluation or logging.
+Between two steps (`_Run._at_boundary`): stop when a stop signal arrived (runner/signals.py), checkpoint when due
+(runner/checkpoint.py). Wall-clock times cover the training steps only, never evaluation, logging or checkpoints.
+A resumed run (runner/resume.py) is rebuilt from the same config and then put where its checkpoint left it.
 """
 
 from __future__ import annotations
@@ -29,13 +31,17 @@ from data.batching import make_batches
 from optimizers.checks import check_call
 from optimizers.losses import get_loss
 from optimizers.objective import Objective
-from runner.checkpoint import save_checkpoint
+from runner.checkpoint import CheckpointSchedule, save_checkpoint
 from runner.device import resolve_device, resolve_dtype, synchronize
+from runner.distributed import any_rank, close_distributed, init_distributed, rank
+from runner.errors import exit_code_for
 from runner.evaluate import evaluate
 from runner.metadata import write_config, write_run_info, write_summary
 from runner.metrics import JSONLSink, MetricsLogger, Sink, first_nonfinite
+from runner.resume import Resume, capture_state, metrics_rows_to_keep, plan_resume, restore_state
 from runner.schema import check_config
 from runner.seeding import seed_everything
+from runner.signals import StopSignals
 from runner.wandb_sink import WandbSink
 
 log = logging.getLogger("curvlab")
@@ -45,7 +51,7 @@ BATCHING = ("shuffle", "fixed", "full")
 
 @dataclass
 class RunResult:
-    status: str  # "ok" | "diverged"
+    status: str  # "ok" | "diverged" | "interrupted"
     output_dir: Path
     steps: int
     epochs: float
@@ -56,38 +62,59 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
     """Run the training described by `cfg`, writing everything into `output_dir` (default: Hydra's output folder).
 
     Raises ValueError / TypeError / FileNotFoundError for bad configuration, before any step is taken; every error
-    after the output folder exists leaves a summary.json with status "error".
+    after the output folder exists leaves a summary.json with status "error". A folder holding another run's results
+    is refused before anything is written into it (runner/resume.py).
     """
     cfg = copy.deepcopy(cfg)
     cfg.data_root = _data_root(cfg.data_root)
+    init_distributed()
+    try:
+        result, signals = _train(cfg, output_dir)
+    finally:
+        close_distributed()
+    if result.status == "interrupted":
+        signals.hand_over()  # under submitit: its handler requeues the job (and exits)
+    return result
+
+
+def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[RunResult, StopSignals]:
     out = _output_dir(output_dir)
-    write_config(cfg, out)
+    resume = plan_resume(cfg, out)
+    writer = rank() == 0  # only rank 0 writes files
+    if writer:
+        write_config(cfg, out)
     threads = torch.get_num_threads()
     run: _Run | None = None
-    try:
-        check_config(cfg)
-        if cfg.threads is not None:
-            if cfg.threads < 1:
-                raise ValueError(f"threads={cfg.threads} must be a positive integer (or null for torch's default).")
-            torch.set_num_threads(cfg.threads)
-        write_run_info(out)
-        run = _setup(cfg, out)
-        run.loop(cfg.trainer)
-    except BaseException as exc:
-        error = f"{type(exc).__name__}: {exc}"
-        if run is not None:
-            run.metrics.close(failed=True)
-        write_summary(out, run.summary("error", error) if run is not None else {"status": "error", "error": error})
-        raise
-    finally:
-        torch.set_num_threads(threads)  # train() may be called again in the same process
+    with StopSignals() as signals:
+        try:
+            check_config(cfg)
+            if cfg.threads is not None:
+                if cfg.threads < 1:
+                    raise ValueError(f"threads={cfg.threads} must be a positive integer (or null for torch's default).")
+                torch.set_num_threads(cfg.threads)
+            if writer:
+                write_run_info(out)
+            run = _setup(cfg, out, resume, writer)
+            run.loop(cfg.trainer, signals)
+            result = _finish(cfg, run)
+        except BaseException as exc:
+            _record_failure(run, out, exc, writer)
+            raise
+        finally:
+            torch.set_num_threads(threads)  # train() may be called again in the same process
+    return result, signals
 
-    status = "diverged" if run.diverged_row is not None else "ok"
-    run.metrics.close(failed=status != "ok")
+
+def _finish(cfg: DictConfig, run: _Run) -> RunResult:
+    """Write the rows still pending, the final checkpoint and summary.json; say how the run ended."""
+    run.flush_rows(None)
+    status = "diverged" if run.diverged_row is not None else "interrupted" if run.stopped_by else "ok"
     if cfg.trainer.checkpoint or status == "diverged":
-        save_checkpoint(out / "checkpoint.pt", run.model, run.optimizer, run.step, run.epoch, run.train_batches)
+        run.save_checkpoint()
+    run.metrics.close(failed=status != "ok")
     summary = run.summary(status)
-    write_summary(out, summary)
+    if run.writer:
+        write_summary(run.out, summary)
     if status == "diverged":
         row = run.diverged_row
         print(
@@ -96,12 +123,34 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
             f"model is in checkpoint.pt. Try a smaller learning rate or more damping.",
             file=sys.stderr,
         )
-    print(f"curvlab: results in {out}")
-    return RunResult(status, out, run.step, run.epoch, summary)
+    if status == "interrupted":
+        saved = f"checkpoint saved; continue with trainer.resume={run.out}" if run.checkpoint_step == run.step else (
+            "no checkpoint (trainer.checkpoint=false), so it cannot be resumed")
+        print(f"curvlab: interrupted by {run.stopped_by} after step {run.step} (epoch {run.epoch:.2f}): {saved}",
+              file=sys.stderr)
+    if run.writer:
+        print(f"curvlab: results in {run.out}")
+    return RunResult(status, run.out, run.step, run.epoch, summary)
 
 
-def _setup(cfg: DictConfig, out: Path) -> _Run:
-    """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs."""
+def _record_failure(run: _Run | None, out: Path, exc: BaseException, writer: bool) -> None:
+    """summary.json for a run that ended with an exception (status "error", or "interrupted" for a second Ctrl-C)."""
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+    error = f"{type(exc).__name__}: {exc}"
+    if run is not None:
+        run.metrics.close(failed=True)
+    if not writer:
+        return
+    summary = run.summary(status, error) if run is not None else {"status": status, "error": error}
+    summary["exit_code"] = exit_code_for(exc)
+    try:
+        write_summary(out, summary)
+    except OSError:
+        pass  # a full disk: the error being raised already says so
+
+
+def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _Run:
+    """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
     trainer = cfg.trainer
     _check_trainer(trainer)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
@@ -131,41 +180,64 @@ def _setup(cfg: DictConfig, out: Path) -> _Run:
         f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test samples; {n_params} parameters; "
         f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
     )
-    sinks: list[Sink] = [JSONLSink(out / "metrics.jsonl")]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
+    run = _Run(model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,
+               classification=splits.loss == "cross_entropy", total_steps=total_steps, out=out, writer=writer,
+               config=config)
+    if resume is not None:
+        restore_state(run, resume.state)
+        run.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": run.step}
+        log.info(f"resumed from {resume.checkpoint} at step {run.step} (epoch {run.epoch:.2f})")
+    return run
+
+
+def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
+    """metrics.jsonl (cut back to the checkpoint's rows when resuming) and W&B; none on ranks other than 0."""
+    if not writer:
+        return []
+    sinks: list[Sink] = [JSONLSink(out / "metrics.jsonl", keep_rows=metrics_rows_to_keep(resume, out))]
     if cfg.logger.kind == "wandb":
-        sinks.append(WandbSink(cfg.logger, out, OmegaConf.to_container(cfg, resolve=True)))
-    return _Run(model, loss_fn, optimizer, train_batches, test_batches, MetricsLogger(sinks), device,
-                objective_options, classification=splits.loss == "cross_entropy", total_steps=total_steps)
+        previous = resume.state.get("wandb") if resume is not None else None
+        sinks.append(WandbSink(cfg.logger, out, config, resume_from=previous))
+    return sinks
 
 
 class _Run:
     """The state of the loop: the step counter, the timers and the metric bookkeeping."""
 
     def __init__(self, model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,
-                 classification: bool, total_steps: int) -> None:
+                 classification: bool, total_steps: int, out: Path, writer: bool, config: dict[str, Any]) -> None:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.train_batches, self.test_batches = train_batches, test_batches
         self.metrics, self.device, self.objective_options = metrics, device, objective_options
         self.classification, self.total_steps = classification, total_steps
+        self.out, self.writer, self.config = out, writer, config
         self.steps_per_epoch = len(train_batches)
         self.step, self.samples_seen, self.wall_time = 0, 0, 0.0
         self.diverged_row: dict[str, Any] | None = None
         self.last_row: dict[str, Any] = {}
         self.last_eval: dict[str, float] = {}
         self.best_accuracy: float | None = None
-        self._losses: list[Any] = []  # batch losses since the last evaluation -> train/loss (summed at evaluation)
+        self.train_losses: list[Any] = []  # batch losses since the last evaluation -> train/loss (summed at evaluation)
+        self.stopped_by: str | None = None  # the stop signal's name
+        self.checkpoint_step: int | None = None
+        self.resumed_from: dict[str, Any] | None = None
 
     @property
     def epoch(self) -> float:
         return self.step / self.steps_per_epoch
 
-    def loop(self, trainer: DictConfig) -> None:
+    def loop(self, trainer: DictConfig, signals: StopSignals) -> None:
         eval_every = trainer.eval_every or self.steps_per_epoch
+        every = (trainer.checkpoint_every, trainer.checkpoint_every_minutes)
+        schedule = CheckpointSchedule(*every) if trainer.checkpoint and every != (None, None) else None
         show = trainer.progress if trainer.progress is not None else sys.stderr.isatty()
-        bar = tqdm(total=self.total_steps, unit="step", disable=not show, dynamic_ncols=True)
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show, dynamic_ncols=True)
         self.model.train()
         with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
-            while self.step < self.total_steps and self.diverged_row is None:
+            stop = self._at_boundary(signals, None)  # a signal during the set-up: stop before the first step
+            while self.step < self.total_steps and self.diverged_row is None and not stop:
                 tick = time.perf_counter()
                 for inputs, targets in self.train_batches:
                     objective = Objective(self.model, self.loss_fn, inputs, targets, **self.objective_options)
@@ -182,14 +254,34 @@ class _Run:
                     if done or self.step % eval_every == 0:
                         self._evaluate()  # adds eval/* and train/* to this step's row
                     if done or self.step % eval_every == 0 or self.step % trainer.log_every == 0:
-                        self._flush(bar)  # sets diverged_row when a flushed loss is not finite
-                    if done or self.diverged_row is not None:
+                        self.flush_rows(bar)  # sets diverged_row when a flushed loss is not finite
+                    stop = not done and self.diverged_row is None and self._at_boundary(signals, schedule)
+                    if done or self.diverged_row is not None or stop:
                         break
-                    tick = time.perf_counter()  # evaluation and logging stay out of the step times
+                    tick = time.perf_counter()  # evaluation, logging and checkpoints stay out of the step times
+
+    def _at_boundary(self, signals: StopSignals, schedule: CheckpointSchedule | None) -> bool:
+        """Between two steps, the same decision on every rank: stop if a stop signal arrived (returns True), else
+        checkpoint if one is due."""
+        stop, save = any_rank(signals.requested is not None, schedule is not None and schedule.due(self.step))
+        if stop:
+            self.stopped_by = signals.requested or "a stop signal on another rank"
+        elif save:
+            self.save_checkpoint()
+            schedule.done()
+        return stop
+
+    def save_checkpoint(self) -> None:
+        """checkpoint.pt for the current step (rank 0 writes it; every rank contributes its random states)."""
+        self.metrics.sync()  # the rows the checkpoint counts are on disk first
+        state = capture_state(self)
+        if self.writer:
+            save_checkpoint(self.out, state)
+        self.checkpoint_step = self.step
 
     def _diverged_before(self, exc: Exception) -> bool:
         """Whether the loss had already become non-finite when the optimizer raised `exc` (then: a divergence)."""
-        self._flush(None)
+        self.flush_rows(None)
         if self.diverged_row is not None:
             log.warning(f"the optimizer raised {type(exc).__name__} at step {self.step + 1}, after the loss diverged")
         return self.diverged_row is not None
@@ -203,17 +295,17 @@ class _Run:
         for key, value in stats.items():
             row.setdefault(key, value)
         if "loss" in stats:
-            self._losses.append(stats["loss"])  # stays on the device: no synchronisation, no arithmetic here
+            self.train_losses.append(stats["loss"])  # stays on the device: no synchronisation, no arithmetic here
         self.metrics.record(row)
 
     def _evaluate(self) -> None:
         row = self.metrics.pending[-1]
-        if self._losses:
-            row["train/loss"] = sum(self._losses) / len(self._losses)
-        self._losses = []
+        if self.train_losses:
+            row["train/loss"] = sum(self.train_losses) / len(self.train_losses)
+        self.train_losses = []
         row.update(evaluate(self.model, self.loss_fn, self.test_batches, self.classification))
 
-    def _flush(self, bar: tqdm | None) -> None:
+    def flush_rows(self, bar: tqdm | None) -> None:
         rows = self.metrics.flush()
         if not rows:
             return
@@ -230,9 +322,13 @@ class _Run:
         if bar is not None and "loss" in self.last_row:
             bar.set_postfix(loss=f"{self.last_row['loss']:.4g}", refresh=False)
 
+    def wandb_info(self) -> dict[str, Any] | None:
+        return next((sink.info for sink in self.metrics.sinks if isinstance(sink, WandbSink)), None)
+
     def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
         summary = {
             "status": status,
+            "exit_code": {"ok": 0, "diverged": 3, "interrupted": 4}.get(status),
             "steps": self.step,
             "epochs": self.epoch,
             "samples_seen": self.samples_seen,
@@ -242,7 +338,10 @@ class _Run:
             "eval": {k: v for k, v in self.last_eval.items() if k.startswith("eval/")},
             "best_eval_accuracy": self.best_accuracy,
             "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
-            "wandb": next((sink.info for sink in self.metrics.sinks if isinstance(sink, WandbSink)), None),
+            "interrupted_by": self.stopped_by,
+            "checkpoint_step": self.checkpoint_step,
+            "resumed_from": self.resumed_from,
+            "wandb": self.wandb_info(),
         }
         if error is not None:
             summary["error"] = error
@@ -264,10 +363,14 @@ def _output_dir(output_dir: str | Path | None) -> Path:
 def _check_trainer(trainer: DictConfig) -> None:
     if trainer.max_epochs is None and trainer.max_steps is None:
         raise ValueError("The run has no budget: set trainer.max_epochs=N and/or trainer.max_steps=N.")
-    for key in ("max_epochs", "max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every"):
+    for key in ("max_epochs", "max_steps", "batch_size", "eval_batch_size", "eval_every", "log_every",
+                "checkpoint_every"):
         value = trainer[key]
         if value is not None and value < 1:
             raise ValueError(f"trainer.{key}={value} must be a positive integer.")
+    minutes = trainer.checkpoint_every_minutes
+    if minutes is not None and not minutes > 0:
+        raise ValueError(f"trainer.checkpoint_every_minutes={minutes} must be a positive number of minutes (or null).")
     if trainer.batching not in BATCHING:
         raise ValueError(
             f"trainer.batching={trainer.batching!r} is not a batching mode. Choose one of: {', '.join(BATCHING)}."

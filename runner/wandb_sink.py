@@ -14,10 +14,19 @@ from omegaconf import DictConfig
 
 
 class WandbSink:
-    def __init__(self, logger_cfg: DictConfig, output_dir: Path, config: dict[str, Any]) -> None:
+    """`resume_from` is the W&B run of the checkpoint a run resumes (`info` as stored in it). An online run continues
+    that run (same id, resume="allow"; W&B drops rows whose step it has already seen, wandb#4482). An offline run
+    cannot be resumed (wandb#2423): a new run is started in the same group, with `resumed_from` in its config."""
+
+    def __init__(self, logger_cfg: DictConfig, output_dir: Path, config: dict[str, Any],
+                 resume_from: dict[str, Any] | None = None) -> None:
         self.run: Any = None
         self.info: dict[str, Any] | None = None  # where to find the run in W&B; goes into summary.json
         group, name = _sweep_group_and_name()
+        continued = _continue(logger_cfg.mode, resume_from)
+        if resume_from:
+            group = resume_from.get("group") or group
+            config = {**config, "resumed_from": resume_from.get("id")}
         try:
             import wandb
 
@@ -31,11 +40,16 @@ class WandbSink:
                 dir=str(output_dir),
                 config=config,
                 reinit="create_new",  # one W&B run per job, also when a multirun calls train() in one process
+                **continued,
             )
             self.info = {"id": self.run.id, "name": self.run.name, "group": self.run.group or None,
                          "project": self.run.project, "mode": logger_cfg.mode, "dir": self.run.dir}
         except Exception as exc:  # noqa: BLE001 -- whatever W&B raises, training goes on
             self._disable("init", exc)
+        if resume_from and not continued and self.run is not None:
+            print(f"curvlab: note: W&B {logger_cfg.mode} runs cannot be resumed (wandb#2423): this run logs to a new "
+                  f"W&B run {self.run.id} in group {self.run.group or 'none'}, continuing {resume_from.get('id')}.",
+                  file=sys.stderr)
 
     def log(self, row: dict[str, Any]) -> None:
         if self.run is None:
@@ -67,6 +81,13 @@ class WandbSink:
                 run.finish(exit_code=1)
             except Exception:  # noqa: BLE001 -- already reported once
                 pass
+
+
+def _continue(mode: str, resume_from: dict[str, Any] | None) -> dict[str, Any]:
+    """wandb.init arguments that continue the stored run: only online runs can be resumed."""
+    if resume_from and resume_from.get("id") and mode == "online" and resume_from.get("mode") == "online":
+        return {"id": resume_from["id"], "resume": "allow"}
+    return {}
 
 
 def _sweep_group_and_name() -> tuple[str | None, str | None]:

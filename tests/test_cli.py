@@ -138,8 +138,8 @@ def test_divergence_exits_3_and_names_the_step(cli):
     assert (run.folder / "run" / "checkpoint.pt").is_file()
 
 
-TRAINER_KEYS = ("batch_size, batching, checkpoint, drop_last, eval_batch_size, eval_every, log_every, max_epochs, "
-                "max_steps")
+TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_every_minutes, drop_last, "
+                "eval_batch_size, eval_every, log_every, max_epochs, max_steps")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,7 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, drop_last, eval_batch_size, e
         ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: "
                            r"adahessian, adam,"),
         ("misspelled_key", rf"'trainer\.max_epoch' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
-                           rf"{TRAINER_KEYS}, num_workers, progress\.$"),
+                           rf"{TRAINER_KEYS}, num_workers, progress, resume\.$"),
         ("wrong_type", r"invalid override trainer\.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),
         ("unwritable_output", r"cannot create the output folder '/proc/forbidden"),
         ("impossible_shape", r"Model 'simple_cnn' got dataset input_shape=\(1, 8, 8\)"),
@@ -158,7 +158,7 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, drop_last, eval_batch_size, e
         ("momentum_negative", r"optimizer\.momentum=-1(\.0)? must "),
         ("lr_nan", r"optimizer\.lr=nan must be a finite number"),
         ("plus_trainer_key", rf"'trainer\.max_step' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
-                             rf"{TRAINER_KEYS}, num_workers, progress\.$"),  # the same message as a misspelled key
+                             rf"{TRAINER_KEYS}, num_workers, progress, resume\.$"),  # the same message as a misspelled key
         ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
                                r"data_root, dataset, device, dtype, logger, model, objective, optimizer, seed, "
                                r"threads, trainer, tune\.$"),

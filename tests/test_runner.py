@@ -82,10 +82,11 @@ def test_digits_run_writes_every_file(tmp_path):
     saved = (tmp_path / "config.yaml").read_text()
     assert "${" not in saved and f"data_root: {os.path.abspath(cfg.data_root)}\n" in saved  # resolved, absolute
 
-    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert checkpoint["step"] == 6 and checkpoint["epoch"] == 2.0
-    assert checkpoint["optimizer"]["steps"] == 6
-    assert {"python", "numpy", "torch"} <= set(checkpoint["rng"])
+    checkpoint = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # tensors and plain values only
+    assert checkpoint["progress"]["step"] == 6 and checkpoint["progress"]["epoch"] == 2.0
+    assert checkpoint["optimizer"]["steps"] == 6 and checkpoint["world_size"] == 1
+    assert {"python", "numpy", "torch", "batches"} <= set(checkpoint["rng"][0])  # one entry per rank
+    assert checkpoint["metrics"]["rows"] == 6 and checkpoint["config"]["trainer"]["max_epochs"] == 2
     assert checkpoint["model"]["net.0.weight"].shape == (128, 64)
 
 
@@ -119,13 +120,13 @@ def test_adam_steps(tmp_path):
     rows = read_jsonl(tmp_path / "metrics.jsonl")
     assert result.status == "ok" and [row["lr"] for row in rows] == [0.001] * 5
     assert rows[-1]["loss"] < rows[0]["loss"]
-    inner = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["optimizer"]["inner"]
+    inner = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["optimizer"]["inner"]
     assert inner["state"][0]["step"].item() == 5  # torch.optim.Adam's own step count
 
 
 def test_float64_parameters(tmp_path):
     train(make_config("dtype=float64", "trainer.max_steps=2"), tmp_path)
-    model = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    model = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
     assert {tensor.dtype for tensor in model.values()} == {torch.float64}
 
 
@@ -230,6 +231,9 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["trainer.batching=bogus"], ValueError, r"trainer.batching='bogus'.*shuffle, fixed, full"),
         (["trainer.max_epochs=null"], ValueError, r"trainer.max_epochs=N"),
         (["trainer.log_every=0"], ValueError, r"trainer.log_every=0 must be a positive integer"),
+        (["trainer.checkpoint_every=0"], ValueError, r"trainer.checkpoint_every=0 must be a positive integer"),
+        (["trainer.checkpoint_every_minutes=0"], ValueError,
+         r"trainer.checkpoint_every_minutes=0.0 must be a positive"),
         (["+objective.damping=1"], ValueError, r"objective.damping.*ggn_backend"),
         (["objective.curvature_batch_size=abc"], ValueError, r"^objective.curvature_batch_size=abc must be an"),
         (["model=simple_cnn"], ValueError, r"simple_cnn.*\(1, 28, 28\)"),  # digits are 8x8

@@ -1,0 +1,81 @@
+"""Stop requests: SIGTERM, SIGUSR1, SIGUSR2 and SIGINT end a run cleanly at the next step boundary.
+
+What SLURM, submitit and a user send: SIGTERM (scancel, preemption, the end of the time limit), SIGUSR1/SIGUSR2
+(`--signal=...@seconds` before the limit; submitit uses USR2), SIGINT (Ctrl-C). While `StopSignals` is active, each of
+them only records that a stop was requested; the loop finishes the current step, checkpoints, writes summary.json
+with status "interrupted" and returns (runner/train.py). A second SIGINT stops at once (KeyboardInterrupt).
+
+Handlers already installed are respected (as PyTorch Lightning does):
+
+* a handler the user installed (any Python callable that is not Python's or submitit's own) is still called, right
+  after the request is recorded;
+* submitit's preemption handler (USR2 under submitit: checkpoint the job and requeue it) is deferred: `hand_over()`
+  calls it after the run has checkpointed, so the requeued job resumes from that checkpoint (hydra#2042: the launcher
+  resubmits with the same arguments but saves no state itself).
+
+Handlers can only be installed from the main thread; elsewhere `StopSignals` does nothing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from types import FrameType
+from typing import Any
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT")
+                     if hasattr(signal, name))
+
+
+class StopSignals:
+    """Context manager: while active, the stop signals set `requested` (the signal's name) instead of killing."""
+
+    def __init__(self) -> None:
+        self.requested: str | None = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if signum == signal.SIGINT and self.requested == "SIGINT":
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        if self.requested is None:
+            self.requested, self.signum = signal.Signals(signum).name, signum
+        previous = self._previous.get(signum)
+        if _user_handler(previous):
+            previous(signum, frame)
+
+    def hand_over(self) -> bool:
+        """After the run checkpointed: call submitit's deferred handler for the signal received (it requeues the job
+        and exits the process), if there is one. Returns False when there was none."""
+        previous = self._previous.get(self.signum) if self.signum is not None else None
+        if not _submitit_handler(previous):
+            return False
+        try:
+            previous(self.signum, None)  # checkpoint() of the launcher, then requeue and exit the process
+        except Exception as exc:  # noqa: BLE001 -- submitit's UncompletedJobError: e.g. timed out too many times
+            print(f"curvlab: submitit did not requeue the job: {exc}", file=sys.stderr)
+            return False
+        return True
+
+
+def _submitit_handler(handler: Any) -> bool:
+    owner = getattr(handler, "__self__", None)
+    return owner is not None and type(owner).__module__.startswith("submitit.")
+
+
+def _user_handler(handler: Any) -> bool:
+    """A Python handler someone else installed (not the defaults, not Python's Ctrl-C handler, not submitit's)."""
+    return (callable(handler) and handler not in (signal.SIG_DFL, signal.SIG_IGN, signal.default_int_handler)
+            and not _submitit_handler(handler))
+
