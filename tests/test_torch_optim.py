@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = os.environ.get("CURVLAB_DATA")
 F64 = torch.float64
 EXTERNAL = {"torch_optim": "torch.optim.SGD", "soap": "pytorch_optimizer.SOAP",
-            "shampoo": "pytorch_optimizer.ScalableShampoo", "psgd": "pytorch_optimizer.Kron",
+            "shampoo": "pytorch_optimizer.Shampoo", "psgd": "pytorch_optimizer.Kron",
             "adahessian": "pytorch_optimizer.AdaHessian", "sophia": "pytorch_optimizer.SophiaH",
             "heavyball_soap": "heavyball.SOAP"}
 
