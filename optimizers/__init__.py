@@ -17,15 +17,17 @@ from optimizers.first_order import SGD, Adam
 from optimizers.gd import GradientDescent
 from optimizers.gradcheck import finite_difference_check
 from optimizers.hf import HessianFree
+from optimizers.kfac import KFAC
 from optimizers.lbfgs import LBFGS
 from optimizers.losses import CrossEntropy, Loss, SquaredError, get_loss
 from optimizers.newton import Newton
 from optimizers.nlcg import NLCG
 from optimizers.objective import Objective
+from optimizers.torch_optim import TorchOptim
 from optimizers.weight_decay import WeightDecayed
 
 __all__ = [
     "Optimizer", "OptimizerOptions", "OptionError", "Objective", "WeightDecayed", "Loss", "CrossEntropy",
     "SquaredError", "get_loss", "pcg", "CGResult", "SGD", "Adam", "GradientDescent", "Newton", "HessianFree",
-    "CurveBall", "LBFGS", "NLCG", "finite_difference_check",
+    "CurveBall", "LBFGS", "NLCG", "KFAC", "TorchOptim", "finite_difference_check",
 ]

@@ -36,3 +36,19 @@ def make_schedule(
         return gamma ** sum(step >= m * total_steps for m in milestones)
 
     return multiplier
+
+
+# ---------------------------------------------------------------------------------------------- mixin
+class Scheduled:
+    """Mixin for an Optimizer whose Options derive from ``first_order.ScheduleOptions``: the runner's ``configure``
+    hook and the multiplier of the base rate at the current step."""
+
+    _multiplier: Callable[[int], float] | None = None
+
+    def configure(self, *, total_steps: int | None = None) -> None:
+        self._multiplier = make_schedule(total_steps=total_steps, **self.options.schedule_kwargs())
+
+    def lr_scale(self) -> float:
+        if self._multiplier is None:
+            self.configure(total_steps=None)  # constant: fine; a decaying schedule: the "needs total steps" error
+        return self._multiplier(self.steps)

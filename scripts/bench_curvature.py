@@ -8,7 +8,10 @@ Everything is measured in one process, on the same model, batch and device, as m
 
 Rows: a gradient (forward + backward), an SGD step, the GGN-vector product per backend (cached: after the batch's
 one-off ``prepare``, which is timed separately), the Hessian-vector product per backend, one PCG iteration (product +
-vector updates), a CurveBall step and a Hessian-free step (with its CG iteration count).
+vector updates), a CurveBall step and a Hessian-free step (with its CG iteration count); then a K-FAC step without
+its factor and inverse work, with the factors of each Fisher type, with factors and eigendecompositions, and with the
+defaults (amortised); and external optimisers through optimizers.torch_optim (heavyball eagerly unless
+--heavyball-compile).
 """
 from __future__ import annotations
 
@@ -35,6 +38,8 @@ from optimizers.objective import GGN_BACKENDS, HVP_BACKENDS, Objective  # noqa: 
 SETUPS = {
     "mlp": ("MLP 784-800-10", lambda: build_mlp((1, 28, 28), 10, hidden=[800], activation="relu"), (1, 28, 28), 1000),
     "cnn": ("CIFAR basic CNN", lambda: build_cifar_basic_cnn((3, 32, 32), 10), (3, 32, 32), 128),
+    "mlp_kfac": ("Seed 003 MLP 128-64-32-10 tanh", lambda: build_mlp((1, 28, 28), 10, hidden=[128, 64, 32], activation="tanh"),
+                 (1, 28, 28), 64),
     "resnet18": ("ResNet-18 (CIFAR stem)", lambda: build_resnet18((3, 32, 32), 10), (3, 32, 32), 128),
 }
 
@@ -111,7 +116,45 @@ def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[
 
     hf_time = median_time(hf_step, max(1, repeats // 2), device)
     rows.append((f"HF step ({statistics.median(cg_counts):.0f} CG iterations)", hf_time))
+    rows += kfac_and_external_rows(model, x, y, repeats, device)
     print_table(f"{label}, batch {batch}, {device.type}, {sum(p.numel() for p in model.parameters()):,} parameters", rows)
+    return rows
+
+
+def kfac_and_external_rows(model, x, y, repeats: int, device: torch.device) -> list[tuple[str, float]]:
+    """K-FAC's step split into its parts (issue 10), and external optimisers through the torch_optim adapter."""
+    from optimizers.kfac import KFAC
+    from optimizers.torch_optim import TorchOptim
+
+    never = 10**9
+    rows = []
+
+    def steps(opt, n: int = 1) -> Callable[[], None]:
+        def run() -> None:
+            for _ in range(n):
+                opt.step(Objective(model, "cross_entropy", x, y))
+        return run
+
+    for label, options in (("K-FAC step without factors or inverse", dict(factor_every=never, inverse_every=never)),
+                           ("K-FAC step + factors [sampled]", dict(inverse_every=never)),
+                           ("K-FAC step + factors [empirical]", dict(fisher="empirical", inverse_every=never)),
+                           ("K-FAC step + factors [ggn]", dict(fisher="ggn", inverse_every=never)),
+                           ("K-FAC step + factors + inverse [sampled]", dict(inverse_every=1))):
+        opt = KFAC(model.parameters(), lr=1e-4, **options)
+        rows.append((label, median_time(steps(opt), repeats, device)))  # the warm-up step makes the factors
+    opt = KFAC(model.parameters(), lr=1e-4)
+    rows.append(("K-FAC step, defaults (mean of 10: inverse every 10)", median_time(steps(opt, 10), max(1, repeats // 3), device) / 10))
+    external = [("torch.optim.LBFGS", {"history_size": 10}), ("pytorch_optimizer.SOAP", {}),
+                ("pytorch_optimizer.ScalableShampoo", {"preconditioning_compute_steps": 1}),
+                ("pytorch_optimizer.Kron", {}), ("pytorch_optimizer.AdaHessian", {}),
+                ("pytorch_optimizer.SophiaH", {"update_period": 1}), ("heavyball.SOAP", {})]
+    for path, options in external:
+        try:
+            opt = TorchOptim(model.parameters(), cls=path, lr=1e-4, options=options)
+        except ValueError as exc:  # package not installed
+            print(f"skipped {path}: {exc}")
+            continue
+        rows.append((f"{path} step [{opt.mode}]", median_time(steps(opt), repeats, device)))
     return rows
 
 
@@ -131,7 +174,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-backends", action="store_true", help="only the default backends")
+    parser.add_argument("--heavyball-compile", action="store_true", help="heavyball with torch.compile (slow start)")
     args = parser.parse_args()
+    if not args.heavyball_compile:
+        try:
+            import heavyball.utils
+
+            heavyball.utils.compile_mode = None  # eager: its torch.compile start-up takes minutes on the CPU
+        except ImportError:
+            pass
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

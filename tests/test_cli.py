@@ -146,7 +146,7 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
     "name, match",
     [
         ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: "
-                           r"adam,"),
+                           r"adahessian, adam,"),
         ("misspelled_key", rf"'trainer\.max_epoch' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
                            rf"{TRAINER_KEYS}, num_workers, progress, resume\.$"),
         ("wrong_type", r"invalid override trainer\.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),

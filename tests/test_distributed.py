@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from optimizers import LBFGS, NLCG, SGD, Adam, CurveBall, HessianFree, Newton, Objective
+from optimizers import KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, HessianFree, Newton, Objective
 from optimizers.vec import params_vector
 
 WORLD = 2
@@ -28,6 +28,8 @@ METHODS = {
     "newton_cg": (Newton, dict(solver="cg", damping=1e-2)),
     "lbfgs": (LBFGS, dict()),
     "nlcg": (NLCG, dict()),
+    "kfac": (KFAC, dict(fisher="empirical", inverse_every=2)),  # factors through the same one weighted reduction
+    "kfac_ggn": (KFAC, dict(fisher="ggn", weight_decay=1e-3)),
 }
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # torch's strong-Wolfe search (L-BFGS) fits cubics through loss and slope values; in float32 that amplifies the 1e-7

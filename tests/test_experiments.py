@@ -43,6 +43,7 @@ needs_mnist = pytest.mark.skipif(
 
 # Statistics every row of an optimiser's metrics.jsonl carries (besides "loss").
 OPTIMIZER_STATS = {
+    "KFAC": ("damping", "kfac/kl_clip", "kfac/factor_time", "kfac/inverse_time", "update_norm"),
     "SGD": ("lr",),
     "Adam": ("lr",),
     "GradientDescent": ("step_size", "grad_norm"),
@@ -87,6 +88,11 @@ def seed_rows() -> dict[str, Row]:
         "seed003_mnist_kfac_mlp_curveball": Row(("build_mnist", "build_mlp", "CurveBall"), {
             "trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh"}),
     }
+    # seed 003 sec. 4 (issue 10): K-FAC vs CurveBall vs Adam vs SGD on the 128-64-32-10 tanh MLP, one file each
+    for method, optimizer, facts in (("kfac", "KFAC", {"optimizer.damping": 1.0}), ("curveball", "CurveBall", {}),
+                                     ("adam", "Adam", {"optimizer.lr": 0.001}), ("sgd", "SGD", {"optimizer.lr": 0.03})):
+        rows[f"seed003_mnist_mlp_{method}"] = Row(("build_mnist", "build_mlp", optimizer), {
+            "trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh", **facts})
     # seed 001, Tables 1 and 2: logistic regression on reshuffled / fixed batches
     methods = {"newton_ls": ("Newton", {"optimizer.step_size": "armijo"}),
                "newton_nols": ("Newton", {"optimizer.step_size": "fixed", "optimizer.lr": 1.0}),
@@ -200,7 +206,7 @@ class Launched:
 
 # conf/optimizer/<name>.yaml -> the class it builds
 OPTIMIZERS = {"sgd": "SGD", "adam": "Adam", "gd": "GradientDescent", "newton_cg": "Newton", "hf": "HessianFree",
-              "curveball": "CurveBall", "lbfgs": "LBFGS", "nlcg": "NLCG"}
+              "curveball": "CurveBall", "lbfgs": "LBFGS", "nlcg": "NLCG", "kfac": "KFAC"}
 SEED_TABLE = "seed001_logreg_fixed_*"  # the table the one-command test runs (4 rows, synthetic data, seconds)
 
 

@@ -16,13 +16,16 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import get_class, instantiate
 from torch import nn
 
-from optimizers import (LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
-                        checks)
+from optimizers import (KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
+                        TorchOptim, checks)
 from runner.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-METHODS = [SGD, Adam, GradientDescent, Newton, HessianFree, CurveBall, LBFGS, NLCG]
+METHODS = [SGD, Adam, GradientDescent, Newton, HessianFree, CurveBall, LBFGS, NLCG, KFAC, TorchOptim]
 CONFIG_OVERRIDES = {"newton_cg": {"solver": "cg"}}  # what a config file deliberately changes from the class default
+# A ready config of the torch_optim adapter (soap, adahessian, ...) deliberately names its class and that class's
+# learning rate, options and backward mode (issue 10); its other keys stay at the adapter's defaults.
+ADAPTER_CHOICES = ("cls", "lr", "options", "backward")
 
 
 def params():
@@ -47,6 +50,8 @@ def test_each_config_lists_exactly_the_options_at_their_defaults(name, node):
     assert keys == set(fields), f"{name}.yaml and {cls.__name__}.Options differ: {keys ^ set(fields)}"
     defaults = dataclasses.asdict(cls.Options())
     expected = {**defaults, **CONFIG_OVERRIDES.get(name, {})}
+    if node._target_.endswith("TorchOptim") and name != "torch_optim":
+        expected |= {key: node[key] for key in ADAPTER_CHOICES}
     for key in keys:
         assert node[key] == expected[key], f"{name}.{key}: yaml {node[key]!r} vs Options {expected[key]!r}"
     opt = instantiate(node)(params())

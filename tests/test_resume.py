@@ -263,7 +263,8 @@ def test_resume_needs_a_checkpoint_and_a_fresh_folder(interrupted, tmp_path):
 # ---------------------------------------------------------------- the pieces
 
 
-OPTIMIZERS = ["sgd", "adam", "gd", "hf", "curveball", "newton", "newton_cg", "lbfgs", "nlcg"]
+OPTIMIZERS = ["sgd", "adam", "gd", "hf", "curveball", "newton", "newton_cg", "lbfgs", "nlcg",
+              "torch_optim", "soap", "shampoo"]  # issue 10's adapter (K-FAC's sampled Fisher: tests/test_kfac.py)
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS)

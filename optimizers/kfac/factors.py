@@ -1,0 +1,223 @@
+"""K-FAC's Kronecker factors, read from the Objective's own forward and backward passes by hooks.
+
+For a layer with input a (with a homogeneous 1 appended when it has a bias) and pre-activation s = W a, K-FAC
+(Martens & Grosse 2015, Optimizing neural networks with Kronecker-factored approximate curvature, sec. 3) approximates
+the layer's block of the Fisher by A (x) G with
+
+    A = E[a a^T]                 (d_in [+1], d_in [+1])
+    G = E[g g^T],  g = dl/ds     (d_out, d_out), l one sample's loss
+
+For a convolution (KFC: Grosse & Martens 2016, A Kronecker-factored approximate Fisher matrix for convolution layers,
+sec. 3.1) a_t are the unfolded input patches (C k_h k_w [+1]) and g_t the output gradients at the T output locations
+t, and the spatial sums are split between the factors as the paper prescribes:
+
+    A = E[sum_t a_t a_t^T],     G = (1/T) E[sum_t g_t g_t^T]
+
+Scale of G. curvlab's losses are batch means, L = (1/B) sum_i l_i, so the gradient the backward pass brings to s_i is
+g_i / B. The factors here undo that 1/B: G is the expectation over samples of ONE sample's gradient outer product, so
+A (x) G approximates the Fisher / GGN of the batch-mean loss, the same scale as ``Objective.ggn_vp``, Martens &
+Grosse's F and the factors of kfac-pytorch (which multiplies the output gradients by the batch size too). Damping
+values are therefore comparable with theirs, and do not change with the batch size.
+
+Only ``nn.Linear`` (any number of leading dimensions: the extra ones count as locations, as in KFC) and ``nn.Conv2d``
+with ``groups=1``, zero padding given as numbers, are covered. Everything else is left to the optimiser's fall-back.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CHUNK = 2**24  # entries of unfolded patches processed at a time (bounds the memory of a convolution's A)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A covered layer: its module and the positions of its weight and bias in the optimiser's parameter list."""
+
+    name: str
+    module: nn.Module
+    weight: int
+    bias: int | None
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.module, nn.Conv2d)
+
+    def gradient_matrix(self, grads: Sequence[Tensor]) -> Tensor:
+        """The weight gradient as a (d_out, d_in [+1]) matrix, the bias gradient as its last column."""
+        w = grads[self.weight].reshape(grads[self.weight].shape[0], -1)
+        return w if self.bias is None else torch.cat([w, grads[self.bias].unsqueeze(1)], dim=1)
+
+    def scatter(self, matrix: Tensor, out: Sequence[Tensor]) -> None:
+        """Write a (d_out, d_in [+1]) matrix back into the weight and bias views of ``out``."""
+        d_in = out[self.weight][0].numel()
+        out[self.weight].copy_(matrix[:, :d_in].reshape(out[self.weight].shape))
+        if self.bias is not None:
+            out[self.bias].copy_(matrix[:, d_in])
+
+
+def coverable(module: nn.Module) -> bool:
+    if isinstance(module, nn.Linear):
+        return True
+    return (isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def covered_layers(model: nn.Module, params: Sequence[Tensor]) -> dict[str, Layer]:
+    """The model's Linear and Conv2d layers whose weight (and bias, if any) are among the trainable ``params``."""
+    index = {id(p): i for i, p in enumerate(params)}
+    layers = {}
+    for name, m in model.named_modules():
+        if not coverable(m) or id(m.weight) not in index:
+            continue
+        if m.bias is not None and id(m.bias) not in index:
+            continue
+        layers[name] = Layer(name, m, index[id(m.weight)], None if m.bias is None else index[id(m.bias)])
+    return layers
+
+
+class _Call:
+    """One forward call of a layer: its input, its output (graph kept), the output gradients recorded for it."""
+
+    __slots__ = ("inputs", "output", "grads")
+
+    def __init__(self, inputs: Tensor, output: Tensor):
+        self.inputs, self.output, self.grads = inputs, output, []
+
+
+class Capture:
+    """Forward hooks on the model and the covered layers, registered for the duration of a ``with`` block.
+
+    Each forward call of a covered layer records its input and output; the model's hook keeps the network's output
+    (with its graph). Output gradients reach the calls in two ways:
+
+    * ``recording()``: a tensor hook on every recorded output keeps the gradients of the backward passes run inside
+      the block (the empirical Fisher: the Objective's own ``backward()``, no extra pass);
+    * ``backward(signal)``: one backward pass of an output-space signal from the network's output to the layer
+      outputs only (no parameter gradients), for the sampled Fisher and the loss-Hessian square root.
+
+    Pairing each gradient with its own call keeps the statistics right if a layer runs more than once.
+    """
+
+    def __init__(self, model: nn.Module, layers: dict[str, Layer]):
+        self.model, self.layers = model, layers
+        self.calls: dict[str, list[_Call]] = {name: [] for name in layers}
+        self.network_output: Tensor | None = None
+        self._recording = False
+        self._handles: list = []
+
+    def __enter__(self) -> Capture:
+        self._handles = [layer.module.register_forward_hook(functools.partial(self._forward, name))
+                         for name, layer in self.layers.items()]
+        self._handles.append(self.model.register_forward_hook(self._network))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self.network_output = None
+        for calls in self.calls.values():
+            for call in calls:
+                call.output = None  # release the graph
+
+    def _forward(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
+            return
+        call = _Call(args[0].detach(), output)
+        output.register_hook(functools.partial(self._backward, call))
+        self.calls[name].append(call)
+
+    def _network(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        if isinstance(output, Tensor) and output.requires_grad:
+            self.network_output = output
+
+    def _backward(self, call: _Call, grad: Tensor) -> None:
+        if self._recording:
+            call.grads.append(grad.detach())
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Keep the output gradients of the backward passes taken inside this block."""
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def backward(self, signal: Tensor) -> None:
+        """J_s^T signal for every recorded layer output s: a backward pass that stops at the covered layers."""
+        if self.network_output is None:
+            raise RuntimeError("K-FAC's hooks saw no forward pass of the model inside step(): the objective's forward "
+                               "must run inside step() (one fresh Objective per step).")
+        calls = [c for cs in self.calls.values() for c in cs if c.output is not None]
+        grads = torch.autograd.grad(self.network_output, [c.output for c in calls], signal, retain_graph=True,
+                                    allow_unused=True)
+        for call, g in zip(calls, grads):
+            if g is not None:
+                call.grads.append(g)
+
+
+def layer_inputs(layer: Layer, a: Tensor) -> Tensor:
+    """The layer's input vectors (B, T, d_in [+1]): unfolded patches for a convolution, the bias's 1 appended."""
+    m = layer.module
+    if layer.is_conv:
+        a = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (B, C kh kw, T)
+        a = a.transpose(1, 2)
+    else:
+        a = a.reshape(a.shape[0], -1, a.shape[-1])
+    if layer.bias is not None:
+        a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
+    return a
+
+
+def layer_output_grads(layer: Layer, g: Tensor) -> Tensor:
+    """The pre-activation gradients (B, T, d_out)."""
+    if layer.is_conv:
+        return g.flatten(2).transpose(1, 2)  # (B, out, H, W) -> (B, T, out)
+    return g.reshape(g.shape[0], -1, g.shape[-1])
+
+
+def batch_factors(layer: Layer, calls: Sequence[_Call], mean_loss_signal: bool) -> tuple[Tensor, Tensor] | None:
+    """A and G of one batch from the calls that received gradients; None when none did.
+
+    ``mean_loss_signal``: the gradients came from the batch-mean loss's backward (the empirical Fisher), so each is
+    one sample's gradient divided by B and is multiplied back by B. Otherwise they are per-sample signals already
+    (sampled labels, loss-Hessian square-root columns), summed over the signals of a call.
+    """
+    calls = [c for c in calls if c.grads]
+    if not calls:
+        return None
+    a_sum, g_sum, samples, locations = None, None, 0, 1
+    for call in calls:
+        b = call.inputs.shape[0]
+        a_part = _input_second_moment(layer, call.inputs)
+        g = torch.stack([layer_output_grads(layer, x) for x in call.grads])  # (signals, B, T, d_out)
+        locations = g.shape[2]
+        if mean_loss_signal:
+            g = g * b
+        g = g.reshape(-1, g.shape[-1])
+        g_part = g.T @ g
+        a_sum = a_part if a_sum is None else a_sum + a_part
+        g_sum = g_part if g_sum is None else g_sum + g_part
+        samples += b
+    return a_sum / samples, g_sum / (samples * locations)
+
+
+def _input_second_moment(layer: Layer, inputs: Tensor) -> Tensor:
+    """sum_i sum_t a_it a_it^T over a call's samples, in chunks of samples (unfolded patches can be large)."""
+    per_sample = max(1, layer_inputs(layer, inputs[:1]).numel())
+    chunk = max(1, CHUNK // per_sample)
+    total = None
+    for start in range(0, inputs.shape[0], chunk):
+        a = layer_inputs(layer, inputs[start:start + chunk])
+        a = a.reshape(-1, a.shape[-1])
+        part = a.T @ a
+        total = part if total is None else total + part
+    return total

@@ -1,0 +1,190 @@
+"""Any ``torch.optim.Optimizer`` subclass behind the step contract, by import path.
+
+    python run.py optimizer=torch_optim optimizer.cls=torch.optim.RMSprop optimizer.lr=1e-3 +optimizer.options.alpha=0.9
+    python run.py optimizer=soap optimizer.lr=3e-3  # conf/optimizer/soap.yaml: pytorch_optimizer.SOAP through this
+
+``cls`` is imported and built as ``cls(params, lr=lr, **options)``. ``lr`` is the base rate of every parameter group
+(the schedule multiplies it, as for SGD and Adam); ``options`` are the class's other keyword arguments, checked
+against its signature, so a misspelled key names ``optimizer.options.<key>``. The adapter's own keys (``lr``,
+``backward``, the schedule, ``weight_decay``) live beside them. How a step reaches the gradient
+(``backward``):
+
+* ``plain``: ``objective.backward()`` fills ``p.grad`` (the Objective's one forward and backward), then ``step()``.
+* ``closure``: ``step(closure)`` for methods that re-evaluate the batch (L-BFGS-style line searches). The first call
+  is ``objective.backward()``; later calls evaluate afresh at the parameters the method has moved in place
+  (``objective.loss_and_gradient_at()``: same batch, same dropout masks, batch-norm running statistics untouched).
+* ``create_graph``: ``loss.backward(create_graph=True)`` for methods that read Hessian-vector products from
+  ``p.grad``'s graph (AdaHessian, Sophia). The Objective's detached API cannot give that graph, so this mode
+  computes ``loss_fn(model(inputs), targets)`` itself (plus eta/2 |w|^2 under weight decay): it bypasses the
+  Objective's forward cache and its data-parallel reduction, and so refuses to run with more than one rank.
+* ``auto`` (default): ``closure`` when ``cls.step`` requires a closure (torch's L-BFGS), ``create_graph`` when the
+  class documents ``backward(create_graph=True)`` (pytorch-optimizer's AdaHessian and SophiaH), else ``plain``.
+
+Weight decay (``weight_decay``) is the library's shared L2 (gradient + eta w, base class); a package's own
+``options.weight_decay`` is that package's (often decoupled) decay. ``state_dict`` holds the wrapped optimiser's own
+state dict (copied).
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from optimizers.base import Optimizer, clone_state
+from optimizers.checks import OptionError, boolean, check_call, fail, one_of, option
+from optimizers.first_order import ScheduleOptions
+from optimizers.schedules import Scheduled
+from optimizers.vec import unflatten
+
+BACKWARDS = ("auto", "plain", "closure", "create_graph")
+
+
+@dataclass(frozen=True)
+class TorchOptimOptions(ScheduleOptions):
+    cls: str = option("torch.optim.SGD")  # import path of a torch.optim.Optimizer subclass, e.g. heavyball.SOAP
+    options: dict = option({})  # keyword arguments of cls besides params and lr, checked against its signature
+    backward: str = option("auto", one_of(*BACKWARDS))  # auto | plain | closure | create_graph (module docstring)
+    check_options: bool = option(True, boolean)  # reject options that are not named arguments of cls.__init__
+
+    def validate(self) -> None:
+        resolve_class(self.cls)
+        if not isinstance(self.options, Mapping):
+            fail(self.key("options"), self.options, "must be a mapping of keyword arguments, e.g. {momentum: 0.9}.")
+        if "lr" in self.options:
+            fail(self.key("options.lr"), self.options["lr"], "is not used: the learning rate is optimizer.lr (the "
+                                                             "base rate of every parameter group, as for SGD and Adam).")
+
+
+def resolve_class(path: Any) -> type:
+    """The torch.optim.Optimizer subclass at import path ``path`` (``module.Class``)."""
+    key = "optimizer.cls"
+    if not isinstance(path, str) or "." not in path:
+        fail(key, path, "must be the import path of a torch.optim.Optimizer subclass, e.g. torch.optim.SGD.")
+    module_name, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        fail(key, path, f"cannot be imported ({type(exc).__name__}: {exc}). Install the package that provides it "
+                        "(e.g. pip install -e \".[optimizers]\") or correct the path.")
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
+        fail(key, path, "is not a torch.optim.Optimizer subclass.")
+    return cls
+
+
+class TorchOptim(Scheduled, Optimizer):
+    """Runs ``cls(params, lr=lr, **options)`` through the step contract (module docstring)."""
+
+    Options = TorchOptimOptions
+
+    def __init__(self, params: Iterable[Tensor], **options: Any):
+        super().__init__(params, **options)
+        cls = resolve_class(self.options.cls)
+        kwargs = _checked_kwargs(cls, self.options.cls, dict(self.options.options), self.options.check_options)
+        try:
+            self.inner = cls(self.params, lr=self.options.lr, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"{self.options.cls} rejected optimizer.lr={self.options.lr} with optimizer.options="
+                              f"{_show(kwargs)}: {exc}") from exc
+        self.mode = self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+
+    def update(self, objective: Any) -> dict[str, Any]:
+        lr = self._set_lr()
+        self.inner.zero_grad(set_to_none=True)
+        stats: dict[str, Any] = {}
+        if self.mode == "plain":
+            loss = objective.backward()
+            self.inner.step()
+        elif self.mode == "closure":
+            loss, stats["closure_evals"] = self._closure_step(objective)
+        else:
+            loss = self._create_graph_step(objective)
+        return {"loss": loss, "lr": lr, **stats}
+
+    def _set_lr(self) -> float:
+        lr = self.options.lr * self.lr_scale()
+        for group in self.inner.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _closure_step(self, objective: Any) -> tuple[Tensor, int]:
+        calls: list[Tensor] = []
+
+        def closure() -> Tensor:
+            # The method moves the parameters in place between calls: the first call is the Objective's own
+            # forward and backward at the step's start, later ones evaluate afresh where the parameters are now.
+            if not calls:
+                value = objective.backward()
+            else:
+                value, g = objective.loss_and_gradient_at()
+                for p, gi in zip(self.params, unflatten(g, self.params)):
+                    p.grad = gi.clone()
+            calls.append(value)
+            return value
+
+        self.inner.step(closure)
+        return calls[0], len(calls)
+
+    def _create_graph_step(self, objective: Any) -> Tensor:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise OptionError("optimizer.backward=create_graph runs in one process only: its loss bypasses the "
+                              "Objective's data-parallel reduction.")
+        with torch.enable_grad(), warnings.catch_warnings():
+            # torch warns that p.grad now references its own graph (a cycle); the p.grad = None below breaks it.
+            warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
+            # Bypasses the Objective's forward cache: the graph of p.grad is what AdaHessian/Sophia differentiate.
+            loss = objective.loss_fn(objective.model(objective.inputs), objective.targets)
+            eta = float(objective.l2)
+            total = loss + 0.5 * eta * sum(p.pow(2).sum() for p in self.params) if eta else loss
+            total.backward(create_graph=True)
+        self.inner.step()
+        for p in self.params:
+            p.grad = None  # free the graph the gradients hold
+        return total.detach()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "inner": clone_state(self.inner.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.inner.load_state_dict(clone_state(state["inner"]))
+
+
+def auto_backward(cls: type) -> str:
+    """closure | create_graph | plain for ``backward=auto`` (module docstring)."""
+    closure = inspect.signature(cls.step).parameters.get("closure")
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        return "closure"
+    if "create_graph=True" in (inspect.getdoc(cls) or ""):
+        return "create_graph"
+    return "plain"
+
+
+def _checked_kwargs(cls: type, path: str, kwargs: dict[str, Any], strict: bool) -> dict[str, Any]:
+    """``kwargs`` checked against ``cls.__init__``: names (``strict``: even when it also takes **kwargs, which many
+    packages swallow silently) and the types its annotations state."""
+    params = inspect.signature(cls.__init__).parameters
+    valid = [n for n, p in params.items() if n not in ("self", "params", "lr") and p.kind in (p.POSITIONAL_OR_KEYWORD,
+                                                                                               p.KEYWORD_ONLY)]
+    open_kwargs = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in valid]
+    if unknown and (strict or not open_kwargs):
+        hint = " (it also takes **kwargs: set optimizer.check_options=false to pass such keys on)" if open_kwargs else ""
+        raise OptionError(f"optimizer.options.{unknown[0]} is not an argument of {path}{hint}. "
+                          f"Valid keys: {', '.join(valid) or 'none'}.")
+    if unknown:  # passed on unchecked to the class's **kwargs
+        kwargs, extra = {k: v for k, v in kwargs.items() if k in valid}, {k: kwargs[k] for k in unknown}
+    else:
+        extra = {}
+    checked = {**check_call("optimizer.options", cls.__init__, kwargs, supplied=("self", "params", "lr")), **extra}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in checked.items()}  # betas=[0.9, 0.99] -> tuple
+
+
+def _show(kwargs: Mapping[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in kwargs.items()) + "}"
