@@ -47,8 +47,9 @@ class CurvatureBatch:
 
 # ---------------------------------------------------------------------------------------------- Jacobian backends
 class JacobianBackend:
-    """J v and J^T w on one curvature batch. Subclasses implement ``jvp``; ``gradient`` is the batch gradient when
-    the set-up computed it for free (else None)."""
+    """J v on one curvature batch (J^T w needs no backend: it is a backward through the batch's forward graph,
+    ``vjp``). Subclasses implement ``jvp``; ``gradient`` is the batch gradient when the set-up computed it for free
+    (else None)."""
 
     name: ClassVar[str]
     gradient: Tensor | None = None
@@ -59,10 +60,10 @@ class JacobianBackend:
     def jvp(self, v: Tensor) -> Tensor:  # v flat (P,) -> J v (B, o)
         raise NotImplementedError
 
-    def vjp(self, w: Tensor) -> Tensor:  # w (B, o) -> J^T w flat (P,), through the batch's forward graph
-        params = self.objective.params
-        return flat_or_zero(torch.autograd.grad(self.batch.outputs, params, w, retain_graph=True, allow_unused=True),
-                            params)
+
+def vjp(batch: CurvatureBatch, params: list[Tensor], w: Tensor) -> Tensor:
+    """J^T w, flat (P,), for an output-shaped w (B, o): one backward through the batch's forward graph."""
+    return flat_or_zero(torch.autograd.grad(batch.outputs, params, w, retain_graph=True, allow_unused=True), params)
 
 
 class DoubleBackward(JacobianBackend):

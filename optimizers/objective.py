@@ -38,7 +38,7 @@ from torch.func import functional_call
 
 from optimizers import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
-                                 TangentFreeInputs, auto_jacobian_backend, flat_or_zero)
+                                 TangentFreeInputs, auto_jacobian_backend, flat_or_zero, vjp)
 from optimizers.losses import Loss, get_loss
 from optimizers.per_sample import grad_sq_sums
 from optimizers.vec import add_to_params, flatten, unflatten
@@ -212,7 +212,7 @@ class Objective:
         with self._timer("ggn"):
             self.product_count["ggn"] += 1
             backend, cb = self._jacobian(), self._curvature_batch()
-            return self.reduce(backend.vjp(self.loss_fn.hessian_vp(cb.outputs, cb.targets, backend.jvp(v))))
+            return self.reduce(vjp(cb, self.params, self.loss_fn.hessian_vp(cb.outputs, cb.targets, backend.jvp(v))))
 
     def hvp(self, v: Tensor) -> Tensor:
         """H v, the exact Hessian of the loss on the curvature batch times v (undamped)."""
@@ -240,7 +240,7 @@ class Objective:
             self.product_count["vjp"] += 1
             cb = self._curvature_batch()
             if not keep_for_jvp:
-                return self.reduce(self._jacobian().vjp(w))
+                return self.reduce(vjp(cb, self.params, w))
             cb.backends[DoubleBackward.name] = backend = DoubleBackward(self, cb, u=w)
             return self.reduce(backend.jtu)
 
