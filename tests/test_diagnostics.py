@@ -109,7 +109,7 @@ def test_hessian_has_negative_curvature_and_ggn_does_not(problem):
     assert "hessian_bottom1" in hess_bottom.scalars()
 
 
-@pytest.mark.parametrize("which", ["largest", "smallest"])
+@pytest.mark.parametrize("which", ["largest", pytest.param("smallest", marks=pytest.mark.slow)])
 def test_power_iteration_agrees_with_lanczos_and_costs_more(problem, which):
     obj = objective(problem)
     power = diag.power_iteration(obj, k=2, which=which, tol=1e-9, max_iters=4000)

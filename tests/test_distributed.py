@@ -78,7 +78,8 @@ def _spawned(dtype: torch.dtype, batch: int, tmp: str) -> list[dict[str, list[to
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("dtype", [torch.float64, pytest.param(torch.float32, marks=pytest.mark.slow)],
+                         ids=["float64", "float32"])
 @pytest.mark.parametrize("name", list(METHODS))
 def test_two_ranks_equal_one_process_on_the_same_global_batch(name, dtype, tmp_path_factory):
     batch = 7  # uneven shards (4 and 3): the weighted reduction, not a plain average, gives the global mean

@@ -396,6 +396,7 @@ def steps_to_loss(make_optimizer, target, max_steps, x, y, held_x, held_y, every
     return None
 
 
+@pytest.mark.slow
 @needs_mnist
 def test_kfac_reaches_a_held_out_loss_in_fewer_steps_than_sgd_on_seed003_mlp():
     """Batch 64, seed 003's 128-64-32-10 tanh MLP. Measured (held-out 5,000 training images, loss <= 0.25):

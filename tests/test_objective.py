@@ -214,6 +214,7 @@ def _mnist_like(n: int, seed: int):
     return torch.randn(n, 1, 28, 28, generator=g, dtype=torch.float64), torch.randint(0, 10, (n,), generator=g)
 
 
+@pytest.mark.slow
 def test_simple_cnn_b100_products_equal_explicit_matrices():
     from models.simple_cnn import build_simple_cnn
 
@@ -243,6 +244,7 @@ def test_mlp_products_equal_explicit_matrices():
     assert rel(obj.ggn_vp(v), dense_ggn(model, "cross_entropy", x, y) @ v) < TOL
 
 
+@pytest.mark.slow
 def test_cifar_basic_cnn_with_batch_norm_products():
     """~96k parameters: the GGN against an explicit Jacobian J (B*o x p), the Hessian against an explicit block."""
     from models.basic_cnn import build_cifar_basic_cnn

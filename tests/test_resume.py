@@ -94,6 +94,7 @@ def interrupted(tmp_path_factory) -> dict[str, Interrupted]:
     return runs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(CASES))
 def test_a_stop_signal_checkpoints_and_the_resumed_run_is_identical(interrupted, name, tmp_path):
     run, case = interrupted[name], CASES[name]

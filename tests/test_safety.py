@@ -59,6 +59,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------- folders
 
 
+@pytest.mark.slow
 def test_two_sweeps_on_the_same_folder_name_get_two_folders(tmp_path):
     """Both sweeps resolve the same folder name at the same time (as two sweeps started in the same second do with
     ${now:...}); the exclusive mkdir gives the second one `sweep-2`."""
@@ -116,6 +117,7 @@ def test_ranks_that_start_in_different_seconds_share_rank_0s_folder(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["10-00-00"]
 
 
+@pytest.mark.slow
 def test_a_rerun_into_a_folder_with_results_is_refused_and_changes_nothing(tmp_path):
     args = ["trainer.max_steps=3", f"hydra.run.dir={tmp_path / 'run'}"]
     first = start(args, tmp_path)
@@ -162,6 +164,7 @@ def test_a_full_disk_while_logging_keeps_every_complete_row_and_the_checkpoint(t
     assert summary["status"] == "error" and summary["exit_code"] == 5 and "DiskFullError" in summary["error"]
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["model.hidden=[64]", "trainer.batch_size=64", "trainer.log_every=1", "trainer.max_epochs=null",
