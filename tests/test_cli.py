@@ -161,8 +161,7 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
                              rf"{TRAINER_KEYS}, num_workers, progress, resume\.$"),  # the same message as a misspelled key
         ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
                                r"data_root, dataset, device, diagnostics, dtype, logger, model, objective, optimizer, "
-                               r"seed, "
-                               r"threads, trainer, tune\.$"),
+                               r"seed, threads, trainer, tune\.$"),
         ("unknown_model_key", r"model\.width is not an option of model 'build_mlp'\. Valid keys: hidden, activation, "
                               r"bias\.$"),
         ("dataset_inf", r"dataset\.noise=inf must be a finite number\.$"),

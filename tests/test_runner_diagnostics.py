@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
@@ -193,3 +195,62 @@ def test_run_py_exits_2_on_a_misspelled_diagnostics_key(tmp_path):
     assert done.stderr.strip().splitlines()[-1].startswith(
         "curvlab: error: 'diagnostics.evry' is not a config key (misspelled?). Valid keys under diagnostics: "
         "at_end, batch_size, every, k, mode, probes, seed, slq_probes, slq_steps, trace_method, what.")
+
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_give_the_single_process_diagnostics(tmp_path):
+    """The same float64 run on 1 process and on 2 torchrun ranks: each rank holds its shard (50 + 49) of the
+    99-sample diagnostic batch, the products are all-reduced, and the diagnostics agree to rounding; rank 0 alone
+    writes diagnostics.jsonl."""
+    args = ["device=cpu", "threads=1", "dtype=float64", "model.hidden=[16]", "trainer.max_steps=4",
+            "trainer.max_epochs=null", "trainer.batch_size=64", "diagnostics.every=2", "diagnostics.batch_size=99",
+            "diagnostics.what=[hessian_top,hessian_bottom,ggn_trace,hessian_density,taylor]",
+            "diagnostics.probes=5", "diagnostics.slq_steps=10", "diagnostics.slq_probes=2"]
+    folders = {}
+    for ranks in (1, 2):
+        folder = tmp_path / f"ranks{ranks}"
+        launcher = [str(TORCHRUN), "--standalone", f"--nproc_per_node={ranks}"] if ranks > 1 else [sys.executable]
+        done = subprocess.run([*launcher, str(REPO / "run.py"), *args, f"hydra.run.dir={folder}"], cwd=tmp_path,
+                              env=env(PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        folders[ranks] = folder
+    one, two = (read_jsonl(folders[r] / "metrics.jsonl") for r in (1, 2))
+    checked = 0
+    for a, b in zip(one, two, strict=True):
+        for key, value in a.items():
+            if key.startswith("diag/") and not is_time(key):
+                # a Taylor slope is fitted through remainders down to 1e-13 of the loss: it moves with the rounding
+                # of the two shard means (about 1e-4); everything else agrees to rounding
+                rel = 1e-3 if "taylor_slope" in key else 1e-9
+                assert b[key] == pytest.approx(value, rel=rel, abs=1e-12, nan_ok=True), (a["step"], key)
+                checked += 1
+    assert checked > 20 and [r["step"] for r in two if "diag/loss" in r] == [2, 4]
+    records = (folders[2] / FILE).read_text().splitlines()
+    assert [json.loads(line)["step"] for line in records] == [2, 4]   # written once, by rank 0
+
+
+HEAVY = ["diagnostics.batch_size=8", "diagnostics.what=[hessian_trace,taylor]"]  # 5 products on millions of weights
+needs_mnist = pytest.mark.skipif(not os.environ.get("CURVLAB_DATA"), reason="CURVLAB_DATA is not set")
+MODELS = [  # every model builder the runner has (VGG-f needs ImageNet-sized images), with a loss of each kind
+    pytest.param(["dataset=sine", "model=sine_mlp"], id="sine_mlp-mse"),
+    pytest.param(["dataset=rosenbrock", "model=rosenbrock", "diagnostics.k=1"], id="rosenbrock-sse"),
+    pytest.param(["dataset=rahimi_recht", "model=two_layer_linear"], id="two_layer_linear-mse"),
+    pytest.param(["model=logreg"], id="logreg"),
+    pytest.param(["dataset=mnist", "model=simple_cnn"], id="simple_cnn", marks=[pytest.mark.slow, needs_mnist]),
+    pytest.param(["model=resnet18", *HEAVY], id="resnet18", marks=pytest.mark.slow),
+    pytest.param(["model=timm", "model.name=resnet10t", *HEAVY], id="timm", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize("overrides", MODELS)
+def test_every_model_the_runner_builds(tmp_path, overrides):
+    folder = run(tmp_path / "run", "trainer.max_steps=2", "diagnostics.every=2", "diagnostics.batch_size=32",
+                 "diagnostics.what=[hessian_top,ggn_top,hessian_trace,taylor]", "diagnostics.probes=3",
+                 *overrides)
+    row = read_jsonl(folder / "metrics.jsonl")[-1]
+    assert row["diag/hessian_trace_products"] == 3 and math.isfinite(row["diag/hessian_trace"])
+    assert row.get("diag/hessian_top1", 1.0) > 0 and row.get("diag/ggn_top1", 0.0) >= 0
+    assert json.loads((folder / FILE).read_text())["step"] == 2
