@@ -149,7 +149,7 @@ def run_full(obj: Objective, args: argparse.Namespace, out: Path, records: dict)
     """The explicit Hessian (``Objective.hessian_matrix``, numel^2 memory): its eigenvalues, and seed 000's check of
     the Hessian-vector product against it (sec. 14.2): ||H s - Hv(s)||_2 for s ~ N(0, I)."""
     t0 = time.perf_counter()
-    hessian = obj.hessian_matrix()
+    hessian = obj.hessian_matrix(chunk_size=max(1, min(512, 25_600 // obj.inputs.shape[0])))  # columns per vmap
     seconds = time.perf_counter() - t0
     values = torch.linalg.eigvalsh(hessian.double())
     s = probes.draw(obj.numel, probes.generator(args.seed), hessian.dtype, hessian.device, "gaussian")
