@@ -52,6 +52,7 @@ class Objective:
     """The loss of ``model`` on one batch, with its gradient and curvature products on flat parameter vectors."""
 
     l2 = 0.0  # weight decay eta; see optimizers.weight_decay.WeightDecayed
+    local = False  # True: never all-reduce (a piece of a MicroBatchedObjective, which reduces the sum once)
 
     def __init__(self, model: nn.Module, loss_fn: Loss | str, inputs: Tensor, targets: Tensor, *,
                  ggn_backend: str = "auto", hvp_backend: str = "double_backward",
@@ -136,12 +137,12 @@ class Objective:
         self._forward()
         return self.reduce(self._loss.detach())
 
-    def backward(self) -> Tensor:
-        """First-order path: ``loss.backward()`` into ``p.grad`` (one flat all-reduce across ranks); returns the loss.
-        Frees the graph."""
+    def backward(self, scale: float = 1.0) -> Tensor:
+        """First-order path: ``(scale * loss).backward()`` into ``p.grad`` (one flat all-reduce across ranks); returns
+        the loss. Frees the graph."""
         self._forward()
-        self._loss.backward()
-        if _distributed():
+        (self._loss * scale if scale != 1.0 else self._loss).backward()
+        if _distributed() and not self.local:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
             for p, g in zip(self.params, unflatten(self.reduce(flatten(grads)), self.params)):
                 p.grad = g
@@ -308,6 +309,11 @@ class Objective:
         add_to_params(self.params, delta, alpha)
         self._clear()
 
+    def release(self) -> None:
+        """Drop the forward graph and every cache (memory); the dropout masks stay. Later calls rebuild what they need
+        with the same masks and without touching batch-norm running statistics."""
+        self._clear()
+
     def per_sample_grad_sq_mean(self) -> Tensor:
         """Mean over the batch of squared per-sample gradients (flat), for Martens' diagonal preconditioner
         (``optimizers.per_sample``). Taken with the network in eval mode: a single sample has no batch statistics,
@@ -368,15 +374,20 @@ class Objective:
         The single all-reduce that makes every method data-parallel; the identity in a single process. Its calls,
         bytes and seconds are reported by ``stats()`` as ``comm/*``.
         """
-        if not _distributed():
+        if self.local or not _distributed():
             return t
-        t0 = time.perf_counter()
-        t = t * self.share
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        self.comm["calls"] += 1
-        self.comm["bytes"] += t.numel() * t.element_size()
-        self.comm["seconds"] += time.perf_counter() - t0
-        return t
+        return weighted_all_reduce(t, self.share, self.comm)
+
+
+def weighted_all_reduce(t: Tensor, share: float, comm: dict) -> Tensor:
+    """sum over ranks of share * t (one all-reduce), counted in ``comm`` (calls, bytes, seconds)."""
+    t0 = time.perf_counter()
+    t = t * share
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    comm["calls"] += 1
+    comm["bytes"] += t.numel() * t.element_size()
+    comm["seconds"] += time.perf_counter() - t0
+    return t
 
 
 class _ProductTimer:

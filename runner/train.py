@@ -29,8 +29,9 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.batching import make_batches
-from optimizers.checks import check_call
+from optimizers.checks import check_call, positive_int
 from optimizers.losses import get_loss
+from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.objective import Objective
 from runner.checkpoint import CheckpointSchedule, save_checkpoint
 from runner.device import resolve_device, resolve_dtype, synchronize
@@ -254,8 +255,8 @@ class _Run:
             while self.step < self.total_steps and self.diverged_row is None and not stop:
                 tick = time.perf_counter()
                 for inputs, targets in self.train_batches:
-                    objective = Objective(self.model, self.loss_fn, inputs, targets, **self.objective_options,
-                                          global_batch_size=self.train_batches.global_batch)
+                    objective = make_objective(self.model, self.loss_fn, inputs, targets, **self.objective_options,
+                                               global_batch_size=self.train_batches.global_batch)
                     try:
                         stats = self.optimizer.step(objective)
                     except Exception as exc:
@@ -423,7 +424,19 @@ def _data_root(path: str) -> str:
 def _objective_options(options: DictConfig) -> dict[str, Any]:
     """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step)."""
     batch = ("model", "loss_fn", "inputs", "targets", "global_batch_size")
-    return check_call("objective", Objective, OmegaConf.to_container(options, resolve=True), supplied=batch)
+    options = OmegaConf.to_container(options, resolve=True)
+    micro = options.pop("micro_batch_size", None)
+    checked = check_call("objective", Objective, options, supplied=batch)
+    if micro is not None:
+        checked["micro_batch_size"] = positive_int("objective.micro_batch_size", micro)
+    return checked
+
+
+def make_objective(model, loss_fn, inputs, targets, *, micro_batch_size: int | None = None, **options: Any):
+    """The step's objective: the whole batch at once, or in micro-batches (optimizers/micro_batch.py)."""
+    if micro_batch_size is None or micro_batch_size >= inputs.shape[0]:
+        return Objective(model, loss_fn, inputs, targets, **options)
+    return MicroBatchedObjective(model, loss_fn, inputs, targets, micro_batch_size=micro_batch_size, **options)
 
 
 def _build(node: DictConfig, key: str, **supplied: Any) -> Any:

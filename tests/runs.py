@@ -23,8 +23,9 @@ CONF_DIR = REPO / "conf"
 CPU = ["device=cpu", "threads=1", "trainer.progress=false"]  # every run here: one CPU thread, no progress bar
 
 def is_time(key: str) -> bool:
-    """Wall-clock columns (wall_time, step_time, curv/product_time, ...): what two runs of one config differ in."""
-    return key.endswith("time")
+    """Wall-clock and memory columns (wall_time, step_time, curv/product_time, memory/max_rss_mb, ...): what two runs
+    of one config differ in."""
+    return key.endswith("time") or key.startswith("memory/")
 
 
 def env(**extra: str) -> dict[str, str]:

@@ -194,16 +194,20 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / (CHECKPOINT + ".tmp")).exists()
 
 
-def _signal_after_rows(path: Path, rows: int, signum: int) -> threading.Thread:
+def _signal_after_rows(path: Path, rows: int, signum: int) -> threading.Event:
+    """Send ``signum`` to this process once ``path`` has ``rows`` rows; setting the returned event cancels it (so a
+    run that failed early never leaves a signal behind for the rest of the test session)."""
+    cancel = threading.Event()
+
     def send() -> None:
         deadline = time.monotonic() + 120
-        while count_rows(path) < rows and time.monotonic() < deadline:
+        while count_rows(path) < rows and time.monotonic() < deadline and not cancel.is_set():
             time.sleep(0.002)
-        os.kill(os.getpid(), signum)
+        if not cancel.is_set() and count_rows(path) >= rows:
+            os.kill(os.getpid(), signum)
 
-    thread = threading.Thread(target=send, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=send, daemon=True).start()
+    return cancel
 
 
 def test_a_handler_the_user_installed_is_kept_and_still_called(tmp_path):
@@ -213,21 +217,26 @@ def test_a_handler_the_user_installed_is_kept_and_still_called(tmp_path):
         calls.append(signum)
 
     previous = signal.signal(signal.SIGUSR1, user_handler)
+    cancel = _signal_after_rows(tmp_path / "metrics.jsonl", 4, signal.SIGUSR1)
     try:
-        _signal_after_rows(tmp_path / "metrics.jsonl", 4, signal.SIGUSR1)
         result = train(make_config(*SMALL, "trainer.max_steps=3000"), tmp_path)
         assert result.status == "interrupted" and result.summary["interrupted_by"] == "SIGUSR1"
         assert calls == [signal.SIGUSR1]  # called once, right when the signal came
         assert signal.getsignal(signal.SIGUSR1) is user_handler  # and installed again after the run
     finally:
+        cancel.set()
         signal.signal(signal.SIGUSR1, previous)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_wandb_offline_resume_starts_a_new_run_in_the_same_group(tmp_path, capsys):
-    _signal_after_rows(tmp_path / "first" / "metrics.jsonl", 4, signal.SIGTERM)
-    first = train(make_config(*SMALL, "trainer.max_steps=3000", "logger=wandb", "logger.group=g"), tmp_path / "first")
+    cancel = _signal_after_rows(tmp_path / "first" / "metrics.jsonl", 4, signal.SIGTERM)
+    try:
+        first = train(make_config(*SMALL, "trainer.max_steps=3000", "logger=wandb", "logger.group=g"),
+                      tmp_path / "first")
+    finally:
+        cancel.set()
     assert first.status == "interrupted"
     resumed = train(make_config(*SMALL, "trainer.max_steps=40", "logger=wandb", "logger.group=g",
                                 f"trainer.resume={tmp_path / 'first'}"), tmp_path / "second")
