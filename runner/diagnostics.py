@@ -8,7 +8,8 @@ shards of `data.batching.shard_bounds`) and the Objective averages over the whol
 products are those of the global batch on every rank and all ranks run the same diagnostics at the same step.
 
 The diagnostics run after the step has been recorded, inside `isolated(model)` (buffers, gradients and the global
-RNG restored on exit) with the network in `mode` (eval by default), on an Objective without a curvature sub-batch.
+RNG restored on exit) with the network in `mode` (eval by default), on an objective built as the run builds its own
+(in micro-batches with `objective.micro_batch_size`) but without a curvature sub-batch.
 Their probes come from private generators seeded with `diagnostics.seed`, so the training trajectory continues bit
 for bit as without them, and a resumed run repeats them exactly (nothing of theirs needs to be in the checkpoint).
 Outputs:
@@ -141,10 +142,13 @@ class Diagnostics:
     """The in-loop diagnostics of one run: `after_step(run, done)` is the loop's one call, every step."""
 
     def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module,
-                 objective_options: dict[str, Any], out: Path | None, resume: Any) -> None:
-        """`out`: the run folder on the rank that writes files (None on the others); `resume`: runner.resume.Resume
-        or None. Checks the options against the split and the model (OptionError naming the key)."""
-        self.options = options
+                 make_objective: Callable[..., Any], objective_options: dict[str, Any], out: Path | None,
+                 resume: Any) -> None:
+        """`make_objective(model, loss_fn, x, y, **objective_options, global_batch_size=...)`: how the run builds its
+        objectives (runner.train.make_objective: whole, or in micro-batches); `out`: the run folder on the rank that
+        writes files (None on the others); `resume`: runner.resume.Resume or None. Checks the options against the
+        split and the model (OptionError naming the key)."""
+        self.options, self.make_objective = options, make_objective
         self.path: Path | None = None  # diagnostics.jsonl, on the rank that writes files
         if options.every is None:
             return
@@ -205,8 +209,8 @@ class Diagnostics:
         with diag.isolated(model):
             model.train(self.options.mode == "train")
             try:
-                objective = Objective(model, loss_fn, self.inputs, self.targets, **self.objective_options,
-                                      global_batch_size=self.options.batch_size)
+                objective = self.make_objective(model, loss_fn, self.inputs, self.targets, **self.objective_options,
+                                                global_batch_size=self.options.batch_size)
                 loss = float(objective.loss())
                 records = {name: DIAGNOSTICS[name](objective, self.options) for name in self.options.what}
             finally:

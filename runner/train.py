@@ -192,8 +192,8 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
         + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
     )
-    diagnostics = Diagnostics(diagnostic_options, splits.train, model, objective_options, out if writer else None,
-                              resume)
+    diagnostics = Diagnostics(diagnostic_options, splits.train, model, make_objective, objective_options,
+                              out if writer else None, resume)
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
     run = _Run(model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,

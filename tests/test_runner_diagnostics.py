@@ -63,7 +63,8 @@ def run(folder: Path, *overrides: str) -> Path:
     [*BN_DROPOUT, "diagnostics.mode=eval"],
     ["model.hidden=[16]", "optimizer=kfac"],    # K-FAC's hooks on the layers must not see the diagnostics
     ["model.hidden=[16]", "optimizer=hf", "objective.curvature_batch_size=32"],
-], ids=["bn-dropout-train", "bn-dropout-eval", "kfac", "hf-sub-batch"])
+    ["model.hidden=[16]", "optimizer=hf", "objective.micro_batch_size=24"],
+], ids=["bn-dropout-train", "bn-dropout-eval", "kfac", "hf-sub-batch", "hf-micro-batches"])
 def test_diagnostics_leave_the_trajectory_bitwise_unchanged(tmp_path, overrides):
     plain = run(tmp_path / "plain", *overrides)
     diagnosed = run(tmp_path / "diag", *DIAG, *overrides, *([BN_WHAT] if "model.dropout=0.3" in overrides else []))
@@ -110,6 +111,20 @@ def test_scalars_side_file_and_eigenvalues_against_the_explicit_hessian(tmp_path
     assert abs(last["diag/hessian_top2"] - eigenvalues[-2].item()) < 1e-8 * scale
     assert abs(last["diag/hessian_bottom1"] - eigenvalues[0].item()) < 1e-8 * scale
     assert abs(last["diag/hessian_slq_trace"] - eigenvalues.sum().item()) < 0.5 * eigenvalues.abs().sum().item()
+
+
+def test_micro_batched_diagnostics_equal_the_whole_batch(tmp_path):
+    """With objective.micro_batch_size the diagnostics are built as the steps are (in pieces of 40 of the 96
+    samples): the same numbers to rounding."""
+    common = ["dtype=float64", "model.hidden=[8]", "model.activation=tanh", *DIAG]
+    whole, pieces = (read_jsonl(run(tmp_path / name, *common, *extra) / "metrics.jsonl")
+                     for name, extra in (("whole", []), ("pieces", ["objective.micro_batch_size=40"])))
+    compared = 0
+    for a, b in zip(whole, pieces, strict=True):
+        for key in [k for k in a if k.startswith("diag/") and not is_time(k) and "taylor_slope" not in k]:
+            assert b[key] == pytest.approx(a[key], rel=1e-9, abs=1e-12), (a["step"], key)
+            compared += 1
+    assert compared > 40
 
 
 def test_diagnostics_time_stays_out_of_the_training_wall_clock(tmp_path):
