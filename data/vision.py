@@ -14,7 +14,7 @@ from torchvision import datasets, transforms
 
 from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
 from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file
-from optimizers.checks import boolean
+from optimizers.checks import boolean, fail, optional, positive_int
 
 MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
 
@@ -43,7 +43,8 @@ def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: st
     return train, test
 
 
-def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool) -> Splits:
+def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool,
+                num_train: int | None = None) -> Splits:
     root = resolve_root(name, root)
     folder = os.path.join(root, cls.__name__, "raw")
     files = [os.path.join(folder, f"{split}-{kind}") for split in ("train", "t10k")
@@ -57,15 +58,21 @@ def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, downlo
     splits = [
         TensorPairDataset(_normalised(d.data.unsqueeze(1), (mean,), (std,)), d.targets.long()) for d in (train, test)
     ]
+    if optional(positive_int)("dataset.num_train", num_train) is not None:
+        if num_train > len(splits[0]):
+            fail("dataset.num_train", num_train, f"exceeds the {len(splits[0])} training samples.")
+        splits[0] = TensorPairDataset(splits[0].inputs[:num_train], splits[0].targets[:num_train])
     return Splits(name, splits[0], splits[1], (1, 28, 28), 10, "cross_entropy", in_memory=True)
 
 
-def build_mnist(root: str, download: bool = False) -> Splits:
-    return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download)
+def build_mnist(root: str, download: bool = False, *, num_train: int | None = None) -> Splits:
+    """``num_train``: keep only the first N training samples (e.g. seed 000's fixed batch of 100; null: all)."""
+    return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download, num_train)
 
 
-def build_fashion_mnist(root: str, download: bool = False) -> Splits:
-    return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download)
+def build_fashion_mnist(root: str, download: bool = False, *, num_train: int | None = None) -> Splits:
+    """``num_train``: keep only the first N training samples (null: all 60,000)."""
+    return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, num_train)
 
 
 class _CIFAR10Files(datasets.CIFAR10):

@@ -36,7 +36,7 @@ from runner.seeding import rng_states, set_rng_states
 
 BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.checkpoint", "trainer.checkpoint_every",
                "trainer.checkpoint_every_minutes", "trainer.resume", "trainer.progress")
-BUDGET_PREFIXES = ("logger.",)
+BUDGET_PREFIXES = ("logger.", "diagnostics.")  # diagnostics leave the trajectory unchanged (runner/diagnostics.py)
 
 
 @dataclass
@@ -109,7 +109,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path
                             for key in changed)
         raise ValueError(
             f"cannot resume from {path}: the config differs in {details}. A resumed run must have the same config "
-            f"except for its budget ({', '.join(BUDGET_KEYS)}) and logger.*; start a new run instead."
+            f"except for its budget ({', '.join(BUDGET_KEYS)}), logger.* and diagnostics.*; start a new run instead."
         )
 
 

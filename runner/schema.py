@@ -79,6 +79,7 @@ class CurvlabConfig:
     threads: Optional[int] = None  # torch's CPU threads; null = torch's default (one per core)
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
     tune: TuneConfig = field(default_factory=TuneConfig)
+    diagnostics: Any = None  # curvature diagnostics during training: checked by runner.diagnostics.DiagnosticsOptions
 
 
 def cache_dir(*parts: str) -> str:

@@ -4,7 +4,8 @@ The loop, in one screen (`_Run.loop`): for each mini-batch build an `Objective` 
 record one metric row per step; every `trainer.log_every` steps flush the rows (stopping if the loss turned
 non-finite); evaluate on the test split every `trainer.eval_every` steps (or at each epoch end) and at the end.
 Between two steps (`_Run._at_boundary`): stop when a stop signal arrived (runner/signals.py), checkpoint when due
-(runner/checkpoint.py). Wall-clock times cover the training steps only, never evaluation, logging or checkpoints.
+(runner/checkpoint.py). Wall-clock times cover the training steps only, never evaluation, diagnostics, logging or
+checkpoints.
 A resumed run (runner/resume.py) is rebuilt from the same config and then put where its checkpoint left it.
 """
 
@@ -34,6 +35,7 @@ from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.objective import Objective
 from runner.checkpoint import CheckpointSchedule, save_checkpoint
 from runner.device import resolve_device, resolve_dtype, synchronize
+from runner.diagnostics import Diagnostics, diagnostics_options
 from runner.distributed import (any_rank, average_buffers, broadcast_model, close_distributed, init_distributed, rank,
                                 world_size)
 from runner.errors import exit_code_for
@@ -159,6 +161,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
     _check_trainer(trainer)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     objective_options = _objective_options(cfg.objective)
+    diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
     if cfg.logger.kind not in ("none", "wandb"):
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is not a logger. Choose logger=none or logger=wandb.")
     seed_everything(cfg.seed)
@@ -189,6 +192,8 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
         + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
     )
+    diagnostics = Diagnostics(diagnostic_options, splits.train, model, make_objective, objective_options,
+                              out if writer else None, resume)
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
     run = _Run(model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,
@@ -198,6 +203,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         restore_state(run, resume.state)
         run.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": run.step}
         log.info(f"resumed from {resume.checkpoint} at step {run.step} (epoch {run.epoch:.2f})")
+    run.diagnostics = diagnostics
     return run
 
 
@@ -263,6 +269,7 @@ class _Run:
                                  batch_size=self.train_batches.global_batch)
                     bar.update()
                     done = self.step >= self.total_steps
+                    self.diagnostics.after_step(self, done)  # when due: diag/* in this row (runner/diagnostics.py)
                     if done or self.step % eval_every == 0:
                         self._evaluate()  # adds eval/* and train/* to this step's row
                     if done or self.step % eval_every == 0 or self.step % trainer.log_every == 0:

@@ -1,26 +1,34 @@
-"""Curvature diagnostics of a finished run, from its folder: ``python scripts/diagnose.py <run folder> [what...]``.
+"""Curvature diagnostics of a run, from its folder: ``python scripts/diagnose.py <run folder> [what...]``.
 
-Loads the run's resolved ``config.yaml`` and the model weights of ``checkpoint.pt`` (``weights_only=True``), takes a
-fixed diagnostic batch (the first ``--batch-size`` training samples, in the run's dtype), and writes into
+Loads the run's resolved ``config.yaml`` and the model weights of its checkpoint (``runner.checkpoint.load_latest``:
+``checkpoint.pt``, else ``checkpoint.prev.pt``; ``torch.load(weights_only=True)``), or with ``--weights init`` the
+run's initial weights (rebuilt from its seed as the runner builds them). The diagnostic batch is drawn as the runner
+draws it (``runner.diagnostics.diagnostic_batch``: ``--batch-size`` training samples, seeded with ``--batch-seed``,
+by default the run's ``diagnostics.seed``), in the run's dtype (or ``--dtype``). Writes into
 ``<run folder>/diagnostics/`` (or ``--out``) a ``diagnostics.json`` with every record (``to_dict()``) and the plots:
 
-    spectrum   top-k and bottom-k Hessian eigenvalues (Lanczos), top-k GGN eigenvalues  -> spectrum.png
-    density    Hessian spectral density by stochastic Lanczos quadrature                 -> spectrum.png (right)
-    trace      Hutchinson and Hutch++ estimates of tr(H) and tr(G)                        -> JSON only
-    taylor     seed 000's Taylor test along a random direction and the top eigenvector    -> taylor.png, taylor_top.png
-    surface    loss along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1) -> surface_contour.png, surface_3d.png
-    full       the explicit Hessian's full spectrum (models up to --max-explicit params)   -> full_spectrum.png
+    spectrum   top-k and bottom-k Hessian eigenvalues, top-k GGN eigenvalues (Lanczos;
+               --power N adds seed 000's power iteration, Algorithm 5, N iterations each)  -> spectrum.png (bars)
+    density    Hessian spectral density by stochastic Lanczos quadrature                   -> spectrum.png (right)
+    trace      Hutchinson and Hutch++ estimates of tr(H) and tr(G)                          -> JSON only
+    taylor     seed 000's Taylor test (ch. 13) along --taylor-directions: random, ones (the constant unit
+               vector, seed 000 Fig. 14.1), top (the top eigenvector, Table 15.1)  -> taylor.png, taylor_ones.png,
+               taylor_top.png (log-log remainders with fitted slopes)
+    surface    loss along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1)   -> surface_contour.png, surface_3d.png
+    full       the explicit Hessian (models up to --max-explicit parameters): its full spectrum, and seed 000's
+               Hessian-product check ||H s - Hv(s)||_2 for a Gaussian s (sec. 14.2)        -> full_spectrum.png
 
-Without ``what``, all of them (``full`` only when the model is small enough). Examples:
+Without ``what``, all of them (``full`` only when the model is small enough). Bad input: one line, exit code 2.
 
     python scripts/diagnose.py outputs/2026-11-22/06-22-55
-    python scripts/diagnose.py outputs/2026-11-22/06-22-55 spectrum taylor --k 5 --batch-size 500
+    python scripts/diagnose.py outputs/2026-11-22/06-22-55 spectrum taylor --k 5 --batch-size 500 --dtype float64
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from optimizers import diagnostics as diag  # noqa: E402
-from optimizers.diagnostics import plots  # noqa: E402
+from optimizers.diagnostics import plots, probes  # noqa: E402
 from optimizers.objective import Objective  # noqa: E402
 
 WHAT = ("spectrum", "density", "trace", "taylor", "surface", "full")
+DIRECTIONS = ("random", "ones", "top")
+PNG = {"random": "taylor.png", "ones": "taylor_ones.png", "top": "taylor_top.png"}
 
 
 def fail(message: str) -> None:
@@ -40,46 +50,42 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-def load_run(folder: Path, device: str, dtype_name: str | None) -> tuple[Any, Any, Any]:
-    """(model with the checkpoint's weights, diagnostic split, loss name) from a run folder."""
+def load_run(folder: Path, args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(config, model with the chosen weights on args.device in the dtype, splits, dtype) of a run folder."""
     import hydra.utils
     from omegaconf import OmegaConf
 
-    for name in ("config.yaml", "checkpoint.pt"):
-        if not (folder / name).is_file():
-            fail(f"{folder} has no {name}; pass a run folder (the one 'curvlab: results in ...' named).")
+    from runner.checkpoint import load_latest
+    from runner.seeding import seed_everything
+
+    if not (folder / "config.yaml").is_file():
+        fail(f"{folder} has no config.yaml; pass a run folder (the one 'curvlab: results in ...' named).")
     cfg = OmegaConf.load(folder / "config.yaml")
+    seed_everything(cfg.seed)  # the runner's order: seed, dataset, model (so --weights init is the run's start)
     splits = hydra.utils.instantiate(cfg.dataset)
     model = hydra.utils.instantiate(cfg.model, input_shape=splits.input_shape, num_outputs=splits.num_outputs)
-    dtype = getattr(torch, dtype_name or str(cfg.get("dtype", "float32")))
-    model.load_state_dict(load_weights(folder / "checkpoint.pt"))
-    return model.to(device=device, dtype=dtype), splits, dtype
+    if args.weights == "checkpoint":
+        try:
+            found = load_latest(folder)
+        except ValueError as exc:
+            fail(str(exc))
+        if found is None:
+            fail(f"{folder} has no checkpoint.pt; use --weights init for the run's initial weights.")
+        model.load_state_dict(found[1]["model"])
+    dtype = getattr(torch, args.dtype or str(cfg.get("dtype", "float32")))
+    return cfg, model.to(device=args.device, dtype=dtype), splits, dtype
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    """The model's state_dict from checkpoint.pt, by the weights-only unpickler. The current checkpoint also holds
-    NumPy's RNG state (an array), so NumPy's array-rebuilding globals are allowed, and nothing else."""
-    import numpy as np
+def batch(cfg: Any, splits: Any, args: argparse.Namespace, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The runner's diagnostic batch: --batch-size samples of the training split, seeded with --batch-seed."""
+    from runner.diagnostics import diagnostic_batch
 
-    dtypes = [type(np.dtype(t)) for t in ("uint32", "int64", "float64", "bool")]
-    allowed = [np.core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
-    with torch.serialization.safe_globals(allowed):
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    return state["model"]
-
-
-def diagnostic_batch(splits: Any, size: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``size`` training samples (fixed, so two calls diagnose the same loss)."""
-    data = splits.train
-    if hasattr(data, "inputs"):
-        x, y = data.inputs[:size], data.targets[:size]
-    else:
-        pairs = [data[i] for i in range(min(size, len(data)))]
-        x = torch.stack([p[0] for p in pairs])
-        y = torch.as_tensor([int(p[1]) for p in pairs]) if not torch.is_tensor(pairs[0][1]) else torch.stack(
-            [p[1] for p in pairs])
-    y = y.to(device) if not y.is_floating_point() else y.to(device=device, dtype=dtype)
-    return x.to(device=device, dtype=dtype), y
+    run_options = cfg.get("diagnostics") or {}
+    size = args.batch_size or run_options.get("batch_size") or 1000
+    seed = args.batch_seed if args.batch_seed is not None else run_options.get("seed", cfg.seed)
+    if size > len(splits.train):
+        fail(f"--batch-size {size} is larger than the training split ({len(splits.train)} samples).")
+    return diagnostic_batch(splits.train, size, seed, (0, 1), torch.device(args.device), dtype)
 
 
 def run_spectrum(obj: Objective, args: argparse.Namespace, out: Path, records: dict, what: list[str]) -> None:
@@ -87,13 +93,17 @@ def run_spectrum(obj: Objective, args: argparse.Namespace, out: Path, records: d
         records["hessian_top"] = diag.eigenpairs(obj, k=args.k, seed=args.seed)
         records["hessian_bottom"] = diag.eigenpairs(obj, k=args.k, which="smallest", seed=args.seed)
         records["ggn_top"] = diag.eigenpairs(obj, k=args.k, curvature="ggn", seed=args.seed)
+        if args.power:   # seed 000 Algorithm 5: a fixed number of iterations per eigenpair (tol 0 never stops early)
+            records["hessian_top_power"] = diag.power_iteration(obj, k=args.k, seed=args.seed, tol=0.0,
+                                                                max_iters=args.power)
     if "density" in what:
         records["hessian_density"] = diag.spectral_density(obj, num_probes=args.slq_probes,
                                                            num_steps=args.slq_steps, seed=args.seed)
-    pairs = [records[k] for k in ("hessian_top", "hessian_bottom", "ggn_top") if k in records]
+    names = ("hessian_top", "hessian_bottom", "ggn_top", "hessian_top_power")
+    pairs = [records[k] for k in names if k in records]
     if pairs or "hessian_density" in records:
         fig = plots.plot_spectrum(pairs, records.get("hessian_density"), title=f"{args.run.name}: curvature spectrum")
-        fig.savefig(out / "spectrum.png", dpi=120)
+        fig.savefig(out / "spectrum.png", dpi=args.dpi)
     if "trace" in what:
         for curvature in ("hessian", "ggn"):
             records[f"{curvature}_trace"] = diag.hutchinson_trace(obj, args.probes, curvature, seed=args.seed)
@@ -106,33 +116,50 @@ def top_two(obj: Objective, records: dict, args: argparse.Namespace) -> Any:
     return records["hessian_top"]
 
 
-def run_taylor_and_surface(obj: Objective, args: argparse.Namespace, out: Path, records: dict,
-                           what: list[str]) -> None:
-    if "taylor" in what:
-        records["taylor_random"] = diag.taylor_test(obj, seed=args.seed)
-        records["taylor_top"] = diag.taylor_test(obj, direction=top_two(obj, records, args).eigenvectors[0])
-        plots.plot_taylor(records["taylor_random"], "Taylor test, random unit direction").savefig(out / "taylor.png")
-        plots.plot_taylor(records["taylor_top"], "Taylor test, top Hessian eigenvector").savefig(
-            out / "taylor_top.png")
-    if "surface" in what:
-        top = top_two(obj, records, args)
-        grid = torch.linspace(-args.radius, args.radius, args.grid)
-        surface = diag.loss_surface(obj, (top.eigenvectors[0], top.eigenvectors[1]), grid, grid)
-        records["surface"] = surface
-        lam = top.eigenvalues.tolist()
-        labels = (f"v1 (lambda = {lam[0]:.4g})", f"v2 (lambda = {lam[1]:.4g})")
-        plots.plot_surface(surface, "contour", "loss along the top-2 Hessian eigenvectors", labels).savefig(
-            out / "surface_contour.png", dpi=120)
-        plots.plot_surface(surface, "3d", "loss along the top-2 Hessian eigenvectors", labels).savefig(
-            out / "surface_3d.png", dpi=120)
+def taylor_direction(obj: Objective, records: dict, args: argparse.Namespace, name: str) -> torch.Tensor | None:
+    """None: the test's own random unit direction (from --seed)."""
+    if name == "ones":  # seed 000 sec. 14.1: "a uniform (unit) vector across all 3192 dimensions"
+        return torch.ones(obj.numel, dtype=obj.params[0].dtype, device=obj.params[0].device)
+    return top_two(obj, records, args).eigenvectors[0] if name == "top" else None
+
+
+def run_taylor(obj: Objective, args: argparse.Namespace, out: Path, records: dict) -> None:
+    titles = {"random": "random unit direction", "ones": "constant unit direction", "top": "top Hessian eigenvector"}
+    distances = torch.logspace(args.h_max, args.h_min, args.h_max - args.h_min + 1, dtype=torch.float64)
+    for name in args.taylor_directions:
+        direction = taylor_direction(obj, records, args, name)
+        test = diag.taylor_test(obj, direction=direction, distances=distances, seed=args.seed)
+        records[f"taylor_{name}"] = test
+        plots.plot_taylor(test, f"Taylor test, {titles[name]}").savefig(out / PNG[name], dpi=args.dpi)
+
+
+def run_surface(obj: Objective, args: argparse.Namespace, out: Path, records: dict) -> None:
+    top = top_two(obj, records, args)
+    grid = torch.linspace(-args.radius, args.radius, args.grid)
+    surface = diag.loss_surface(obj, (top.eigenvectors[0], top.eigenvectors[1]), grid, grid)
+    records["surface"] = surface
+    lam = top.eigenvalues.tolist()
+    labels = (f"v1 (lambda = {lam[0]:.4g})", f"v2 (lambda = {lam[1]:.4g})")
+    for kind, name in (("contour", "surface_contour.png"), ("3d", "surface_3d.png")):
+        plots.plot_surface(surface, kind, "loss along the top-2 Hessian eigenvectors", labels).savefig(
+            out / name, dpi=args.dpi)
 
 
 def run_full(obj: Objective, args: argparse.Namespace, out: Path, records: dict) -> None:
-    """The explicit Hessian's eigenvalues (``Objective.hessian_matrix``, numel^2 memory)."""
-    values = torch.linalg.eigvalsh(obj.hessian_matrix().double())
-    records["full_spectrum"] = {"eigenvalues": values.tolist(), "numel": obj.numel}
+    """The explicit Hessian (``Objective.hessian_matrix``, numel^2 memory): its eigenvalues, and seed 000's check of
+    the Hessian-vector product against it (sec. 14.2): ||H s - Hv(s)||_2 for s ~ N(0, I)."""
+    t0 = time.perf_counter()
+    hessian = obj.hessian_matrix(chunk_size=max(1, min(512, 25_600 // obj.inputs.shape[0])))  # columns per vmap
+    seconds = time.perf_counter() - t0
+    values = torch.linalg.eigvalsh(hessian.double())
+    s = probes.draw(obj.numel, probes.generator(args.seed), hessian.dtype, hessian.device, "gaussian")
+    explicit, product = hessian @ s, obj.hvp(s)
+    remainder = float((explicit - product).norm())
+    records["full_spectrum"] = {"eigenvalues": values.tolist(), "numel": obj.numel, "seconds": seconds}
+    records["hvp_check"] = {"remainder_norm": remainder, "relative": remainder / float(explicit.norm()),
+                            "direction_norm": float(s.norm()), "dtype": str(hessian.dtype).split(".")[1]}
     plots.plot_spectrum(full=values, title=f"explicit Hessian, {obj.numel} eigenvalues").savefig(
-        out / "full_spectrum.png", dpi=120)
+        out / "full_spectrum.png", dpi=args.dpi)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -140,51 +167,76 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("run", type=Path, help="the run folder (holds config.yaml and checkpoint.pt)")
     p.add_argument("what", nargs="*", help=f"any of {list(WHAT)} (default: all)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: <run>/diagnostics)")
-    p.add_argument("--batch-size", type=int, default=1000, help="diagnostic batch: the first N training samples")
+    p.add_argument("--weights", choices=["checkpoint", "init"], default="checkpoint",
+                   help="the checkpoint's weights, or the run's initial weights (rebuilt from its seed)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="diagnostic batch (default: the run's diagnostics.batch_size)")
+    p.add_argument("--batch-seed", type=int, default=None, help="its draw's seed (default: the run's diagnostics.seed)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=["float32", "float64"], default=None,
                    help="default: the run's dtype; float64 makes the Taylor test meaningful down to h ~ 1e-5")
     p.add_argument("--mode", choices=["eval", "train"], default="eval",
                    help="network mode for the loss (train: batch-norm batch statistics, fixed dropout masks)")
     p.add_argument("--k", type=int, default=5, help="eigenpairs from each end")
+    p.add_argument("--power", type=int, default=0, help="also power iteration (Algorithm 5), this many iterations")
     p.add_argument("--probes", type=int, default=100, help="products for the trace estimates")
     p.add_argument("--slq-probes", type=int, default=5)
     p.add_argument("--slq-steps", type=int, default=40)
+    p.add_argument("--taylor-directions", type=lambda s: s.split(","), default=["random", "top"],
+                   help=f"comma-separated, of {list(DIRECTIONS)}")
+    p.add_argument("--h-max", type=int, default=-1, help="Taylor distances 10^h-max ... 10^h-min")
+    p.add_argument("--h-min", type=int, default=-6)
     p.add_argument("--radius", type=float, default=1.0, help="surface grid: [-radius, radius]^2")
     p.add_argument("--grid", type=int, default=21, help="surface grid points per axis")
     p.add_argument("--max-explicit", type=int, default=5000, help="largest model for the explicit Hessian")
     p.add_argument("--seed", type=int, default=0, help="seed of the diagnostics' private generator")
-    args = p.parse_args(argv)
+    p.add_argument("--dpi", type=int, default=100)
+    return check(p.parse_args(argv))
+
+
+def check(args: argparse.Namespace) -> argparse.Namespace:
     bad = [w for w in args.what if w not in WHAT]
     if bad:
         fail(f"unknown diagnostic(s) {bad}; choose from {list(WHAT)}.")
+    wrong = [d for d in args.taylor_directions if d not in DIRECTIONS]
+    if wrong:
+        fail(f"--taylor-directions: unknown direction(s) {wrong}; choose from {list(DIRECTIONS)}.")
+    for name in ("k", "probes", "slq_probes", "slq_steps", "grid", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} {value} must be a positive integer.")
+    if args.h_min >= args.h_max or args.power < 0 or not args.radius > 0:
+        fail("need --h-min < --h-max, --power >= 0 and --radius > 0.")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
-    model, splits, dtype = load_run(args.run, args.device, args.dtype)
+    cfg, model, splits, dtype = load_run(args.run, args)
     model.train(args.mode == "train")
-    x, y = diagnostic_batch(splits, args.batch_size, args.device, dtype)
+    x, y = batch(cfg, splits, args, dtype)
     obj = Objective(model, splits.loss, x, y)
-    numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    what = args.what or [w for w in WHAT if w != "full" or numel <= args.max_explicit]
-    if "full" in what and numel > args.max_explicit:
-        fail(f"'full' needs the explicit {numel} x {numel} Hessian; the limit is --max-explicit={args.max_explicit}.")
+    what = args.what or [w for w in WHAT if w != "full" or obj.numel <= args.max_explicit]
+    if "full" in what and obj.numel > args.max_explicit:
+        fail(f"'full' needs the explicit {obj.numel} x {obj.numel} Hessian; the limit is "
+             f"--max-explicit={args.max_explicit}.")
     out = args.out or args.run / "diagnostics"
     out.mkdir(parents=True, exist_ok=True)
     records: dict[str, Any] = {}
     run_spectrum(obj, args, out, records, what)
-    run_taylor_and_surface(obj, args, out, records, what)
+    if "taylor" in what:
+        run_taylor(obj, args, out, records)
+    if "surface" in what:
+        run_surface(obj, args, out, records)
     if "full" in what:
         run_full(obj, args, out, records)
-    summary = {"run": str(args.run), "batch_size": int(x.shape[0]), "mode": args.mode, "numel": numel,
-               "loss": float(obj.loss()),
+    summary = {"run": str(args.run), "weights": args.weights, "batch_size": int(x.shape[0]), "mode": args.mode,
+               "dtype": str(dtype).split(".")[1], "numel": obj.numel, "loss": float(obj.loss()),
                **{k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in records.items()}}
     (out / "diagnostics.json").write_text(json.dumps(summary, indent=1))
     for name, record in records.items():
-        if hasattr(record, "scalars"):
-            print(name, {k: round(v, 6) for k, v in record.scalars().items()})
+        print(name, {k: round(v, 6) for k, v in record.scalars().items()} if hasattr(record, "scalars") else
+              {k: v for k, v in record.items() if k != "eigenvalues"})
     print(f"diagnose: results in {out}")
 
 

@@ -160,8 +160,8 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
         ("plus_trainer_key", rf"'trainer\.max_step' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
                              rf"{TRAINER_KEYS}, num_workers, progress, resume\.$"),  # the same message as a misspelled key
         ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
-                               r"data_root, dataset, device, dtype, logger, model, objective, optimizer, seed, "
-                               r"threads, trainer, tune\.$"),
+                               r"data_root, dataset, device, diagnostics, dtype, logger, model, objective, optimizer, "
+                               r"seed, threads, trainer, tune\.$"),
         ("unknown_model_key", r"model\.width is not an option of model 'build_mlp'\. Valid keys: hidden, activation, "
                               r"bias\.$"),
         ("dataset_inf", r"dataset\.noise=inf must be a finite number\.$"),

@@ -59,6 +59,18 @@ def test_mnist_like_real_files(build, mean, std):
     assert torch.bincount(splits.train.targets).min().item() > 5000  # every class present (5,421 to 6,742)
 
 
+@needs_data
+def test_num_train_keeps_the_first_training_samples():
+    full, first = build_mnist(DATA_ROOT), build_mnist(DATA_ROOT, num_train=100)  # seed 000's fixed batch of b = 100
+    assert len(first.train) == 100 and len(first.test) == 10000
+    assert torch.equal(first.train.inputs, full.train.inputs[:100])
+    assert torch.equal(first.train.targets, full.train.targets[:100])
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=60001 exceeds the 60000 training samples\.$"):
+        build_fashion_mnist(DATA_ROOT, num_train=60001)
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=0 must be an integer >= 1\.$"):
+        build_mnist(DATA_ROOT, num_train=0)
+
+
 @pytest.mark.parametrize(
     "build, name, folder", [(build_mnist, "mnist", "MNIST/raw"), (build_cifar10, "cifar10", "cifar-10-batches-py")]
 )
@@ -74,7 +86,7 @@ def test_unknown_option_and_wrong_type_are_named_from_the_signature():
     with pytest.raises(OptionError, match=rf"^dataset\.colour is not an option of dataset 'build_sine'\. {valid}$"):
         check_call("dataset", build_sine, {"colour": "red"})
     with pytest.raises(OptionError, match=r"^dataset\.augment is not an option of dataset 'build_mnist'\. "
-                                          r"Valid keys: root, download\.$"):
+                                          r"Valid keys: root, download, num_train\.$"):
         check_call("dataset", build_mnist, {"root": "/x", "augment": True})
     with pytest.raises(OptionError, match=r"^dataset\.noise=abc must be a finite number\.$"):
         check_call("dataset", build_sine, {"noise": "abc"})

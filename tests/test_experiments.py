@@ -74,6 +74,12 @@ def seed_rows() -> dict[str, Row]:
         "seed000_simple_cnn_newton": Row(("build_mnist", "build_simple_cnn", "Newton"), {
             "dtype": "float64", "trainer.batching": "full", "trainer.batch_size": None, "trainer.max_epochs": 80,
             "optimizer.solver": "cg", "optimizer.pretrain_steps": 60, "optimizer.cg_init": "weights"}),
+        "seed000_taylor_gd": Row(("build_mnist", "build_simple_cnn", "GradientDescent"), {
+            "dtype": "float64", "dataset.num_train": 100, "trainer.batching": "full", "trainer.max_epochs": 150,
+            "diagnostics.what": ["taylor", "hessian_top"], "diagnostics.every": 150, "diagnostics.batch_size": 100}),
+        "seed000_simple_cnn_trained": Row(("build_mnist", "build_simple_cnn", "SGD"), {
+            "trainer.max_epochs": 3, "diagnostics.what": ["hessian_top", "hessian_bottom"],
+            "diagnostics.every": 200}),
         "seed002_sine_hf": Row(("build_sine", "build_mlp", "HessianFree"), {
             "trainer.batch_size": 1000, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3,
             "optimizer.line_search": False, "model.hidden": [15, 15]}),
@@ -283,6 +289,7 @@ def test_command_line_wins_over_an_experiment():
 SHRINK = {  # extra overrides for the two-step smoke runs
     "seed000_simple_cnn_newton": ["trainer.batching=fixed", "trainer.batch_size=500", "optimizer.pretrain_steps=1"],
     "seed002_mnist_hf": ["trainer.batch_size=250"],
+    "seed000_simple_cnn_trained": ["diagnostics.batch_size=64"],  # the diagnostics run after the last (2nd) step
 }
 
 

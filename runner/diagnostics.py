@@ -1,0 +1,243 @@
+"""Curvature diagnostics during training: the `diagnostics` config group (conf/diagnostics/; the math lives in
+optimizers/diagnostics).
+
+Every `diagnostics.every` steps (and after the last step, `at_end`) the chosen diagnostics (`what`) run on a FIXED
+diagnostic batch: `batch_size` training samples drawn once, by a generator seeded with `diagnostics.seed` that
+nothing else uses, and held on the device. In a data-parallel run every rank holds its shard of that batch (the
+shards of `data.batching.shard_bounds`) and the Objective averages over the whole of it (`global_batch_size`), so the
+products are those of the global batch on every rank and all ranks run the same diagnostics at the same step.
+
+The diagnostics run after the step has been recorded, inside `isolated(model)` (buffers, gradients and the global
+RNG restored on exit) with the network in `mode` (eval by default), on an objective built as the run builds its own
+(in micro-batches with `objective.micro_batch_size`) but without a curvature sub-batch.
+Their probes come from private generators seeded with `diagnostics.seed`, so the training trajectory continues bit
+for bit as without them, and a resumed run repeats them exactly (nothing of theirs needs to be in the checkpoint).
+Outputs:
+
+* the step's metric row gains `diag/<name>` for every scalar of the records' `scalars()` (`diag/hessian_top1`,
+  `diag/ggn_trace`, `diag/taylor_slope2`, ...; a diagnostic's seconds as `diag/<name>_time`), `diag/loss` (the loss
+  on the diagnostic batch) and `diag/time` (the whole evaluation, kept out of `wall_time` and `step_time`);
+* `diagnostics.jsonl` in the run folder (rank 0): one JSON record per evaluation with every record's `to_dict()`
+  (eigenvalues, residuals, trace samples, density nodes and weights, Taylor remainders; no parameter-sized vectors),
+  appended one complete line at a time like metrics.jsonl and cut back to the checkpoint's step on resume.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Optional
+
+import torch
+from torch.utils.data import Dataset
+
+from data.base import TensorPairDataset
+from data.batching import shard_bounds
+from optimizers import diagnostics as diag
+from optimizers.checks import (Options, boolean, fail, nonnegative_int, one_of, optional, option, positive_int,
+                               sequence_of)
+from optimizers.diagnostics.results import Record
+from optimizers.objective import Objective
+from runner.checkpoint import atomic_write_bytes
+from runner.device import synchronize
+from runner.distributed import rank, world_size
+from runner.metrics import JSONLSink
+from runner.seeding import rng_states, set_rng_states
+
+FILE = "diagnostics.jsonl"
+
+
+def _eigenpairs(curvature: str, which: str) -> Callable:
+    return lambda obj, o: diag.eigenpairs(obj, k=o.k, which=which, curvature=curvature, seed=o.seed)
+
+
+def _trace(curvature: str) -> Callable:
+    def run(obj: Objective, o: DiagnosticsOptions) -> Record:
+        estimator = diag.hutchpp_trace if o.trace_method == "hutch++" else diag.hutchinson_trace
+        return estimator(obj, o.probes, curvature, seed=o.seed)
+    return run
+
+
+def _density(curvature: str) -> Callable:
+    return lambda obj, o: diag.spectral_density(obj, o.slq_probes, o.slq_steps, curvature, seed=o.seed)
+
+
+# name in diagnostics.what -> (objective, options) -> record
+DIAGNOSTICS: dict[str, Callable[[Objective, Any], Record]] = {
+    "hessian_top": _eigenpairs("hessian", "largest"),
+    "hessian_bottom": _eigenpairs("hessian", "smallest"),
+    "ggn_top": _eigenpairs("ggn", "largest"),
+    "hessian_trace": _trace("hessian"),
+    "ggn_trace": _trace("ggn"),
+    "hessian_density": _density("hessian"),
+    "ggn_density": _density("ggn"),
+    "taylor": lambda obj, o: diag.taylor_test(obj, seed=o.seed),
+    "gradcheck": lambda obj, o: diag.gradient_check(obj, seed=o.seed),
+}
+
+
+@dataclass(frozen=True)
+class DiagnosticsOptions(Options):
+    """The keys of the `diagnostics` group (conf/diagnostics/none.yaml lists them at these defaults)."""
+
+    group: ClassVar[str] = "diagnostics"
+
+    what: list = option([], sequence_of(one_of(*DIAGNOSTICS)))        # which diagnostics
+    every: Optional[int] = option(None, optional(positive_int))        # steps between evaluations; None = never
+    at_end: bool = option(True, boolean)                              # also after the last step
+    batch_size: int = option(1000, positive_int)                      # the fixed diagnostic (global) batch
+    seed: int = option(0, nonnegative_int)                            # the batch draw's and the probes' seed
+    mode: str = option("eval", one_of("eval", "train"))               # the network's mode during diagnostics
+    k: int = option(2, positive_int)                                  # eigenpairs per end (Lanczos)
+    probes: int = option(20, positive_int)                            # products per trace estimate
+    trace_method: str = option("hutchinson", one_of("hutchinson", "hutch++"))
+    slq_probes: int = option(3, positive_int)                         # SLQ probes ...
+    slq_steps: int = option(30, positive_int)                         # ... and Lanczos steps per probe
+
+    def validate(self) -> None:
+        if self.what and self.every is None:
+            fail("diagnostics.what", self.what, "needs diagnostics.every=N, the steps between two evaluations.")
+        if self.every is not None and not self.what:
+            fail("diagnostics.every", self.every, "runs nothing: diagnostics.what is empty. Choose a preset "
+                 "(diagnostics=spectrum, trace or full) or list them, e.g. diagnostics.what=[hessian_top,ggn_trace].")
+        if self.trace_method == "hutch++" and self.probes < 3:
+            fail("diagnostics.probes", self.probes, "must be at least 3 with diagnostics.trace_method=hutch++.")
+
+
+def diagnostics_options(node: Any) -> DiagnosticsOptions:
+    """The checked `diagnostics` group (a config node or dict; None = off). Unknown keys name the valid ones."""
+    from omegaconf import OmegaConf
+
+    values = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node or {})
+    return DiagnosticsOptions.build("the diagnostics group", values)
+
+
+def diagnostic_batch(train: Dataset, size: int, seed: int, shard: tuple[int, int], device: torch.device,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's shard of `size` training samples drawn without replacement by a generator seeded with `seed`.
+
+    Samples of a dataset read through a DataLoader (augmented images) are made by its transforms once, here, with
+    every global random state saved and restored around them, so the draw leaves the training stream untouched."""
+    index = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:size]  # (size,)
+    low, high = shard_bounds(size, *shard)
+    mine = index[low:high]
+    if isinstance(train, TensorPairDataset):
+        part = TensorPairDataset(train.inputs[mine], train.targets[mine])
+    else:
+        states = rng_states()
+        try:
+            samples = [train[int(i)] for i in mine]
+        finally:
+            set_rng_states(states)
+        targets = [torch.as_tensor(s[1]) for s in samples]
+        part = TensorPairDataset(torch.stack([torch.as_tensor(s[0]) for s in samples]), torch.stack(targets))
+    part = part.to(device, dtype)
+    return part.inputs, part.targets
+
+
+class Diagnostics:
+    """The in-loop diagnostics of one run: `after_step(run, done)` is the loop's one call, every step."""
+
+    def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module,
+                 make_objective: Callable[..., Any], objective_options: dict[str, Any], out: Path | None,
+                 resume: Any) -> None:
+        """`make_objective(model, loss_fn, x, y, **objective_options, global_batch_size=...)`: how the run builds its
+        objectives (runner.train.make_objective: whole, or in micro-batches); `out`: the run folder on the rank that
+        writes files (None on the others); `resume`: runner.resume.Resume or None. Checks the options against the
+        split and the model (OptionError naming the key)."""
+        self.options, self.make_objective = options, make_objective
+        self.path: Path | None = None  # diagnostics.jsonl, on the rank that writes files
+        if options.every is None:
+            return
+        if options.batch_size > len(train):
+            fail("diagnostics.batch_size", options.batch_size,
+                 f"is larger than the training split ({len(train)} samples); choose at most {len(train)}.")
+        if options.batch_size < world_size():
+            fail("diagnostics.batch_size", options.batch_size,
+                 f"leaves a rank without data: the batch is shared by {world_size()} ranks.")
+        numel = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if options.k > numel and any(w.endswith(("_top", "_bottom")) for w in options.what):
+            fail("diagnostics.k", options.k, f"exceeds the model's {numel} parameters.")
+        first = next(model.parameters())
+        self.inputs, self.targets = diagnostic_batch(train, options.batch_size, options.seed,
+                                                     (rank(), world_size()), first.device, first.dtype)
+        self.objective_options = {k: v for k, v in objective_options.items() if k != "curvature_batch_size"}
+        if out is not None:
+            self.path, self.records = out / FILE, records_to_keep(resume, out)
+            JSONLSink(self.path, keep_rows=self.records or None).close()  # a new file, or the checkpoint's records
+
+    def due(self, step: int, done: bool) -> bool:
+        every = self.options.every
+        return every is not None and (step % every == 0 or (done and self.options.at_end))
+
+    def after_step(self, run: Any, done: bool) -> None:
+        """When due: run the diagnostics on the current parameters, add their scalars to the step's (pending) row
+        and write their records to diagnostics.jsonl. Skipped when the step's loss is not finite."""
+        row = run.metrics.pending[-1]
+        if not self.due(run.step, done) or not math.isfinite(float(row.get("loss", 0.0))):
+            return
+        synchronize(run.device)
+        t0 = time.perf_counter()
+        loss, records = self.evaluate(run.model, run.loss_fn)
+        synchronize(run.device)
+        seconds = time.perf_counter() - t0
+        row.update(metric_scalars(loss, records, seconds))
+        if run.device.type == "cuda":  # the diagnostics' peak, kept out of the next step's memory/peak_mb
+            row["diag/peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
+            torch.cuda.reset_peak_memory_stats(run.device)
+        if self.path is not None:
+            self.write({"step": run.step, "epoch": run.epoch, "batch_size": self.options.batch_size,
+                        "mode": self.options.mode, "loss": loss, "time": seconds,
+                        **{name: record.to_dict() for name, record in records.items()}})
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record as one complete, fsynced line (JSONLSink: a failed write is cut off again)."""
+        sink = JSONLSink(self.path, keep_rows=self.records)  # reopened per record: no file stays open after a run
+        try:
+            sink.log(record)
+            sink.sync()
+        finally:
+            sink.close()
+        self.records += 1
+
+    def evaluate(self, model: torch.nn.Module, loss_fn: Any) -> tuple[float, dict[str, Record]]:
+        """(loss on the diagnostic batch, {name: record}) at the current parameters; the model is left as it was."""
+        modes = {module: module.training for module in model.modules()}
+        with diag.isolated(model):
+            model.train(self.options.mode == "train")
+            try:
+                objective = self.make_objective(model, loss_fn, self.inputs, self.targets, **self.objective_options,
+                                                global_batch_size=self.options.batch_size)
+                loss = float(objective.loss())
+                records = {name: DIAGNOSTICS[name](objective, self.options) for name in self.options.what}
+            finally:
+                for module, training in modes.items():
+                    module.training = training
+        return loss, records
+
+
+def metric_scalars(loss: float, records: dict[str, Record], seconds: float) -> dict[str, float]:
+    """`diag/<scalar>` for every record's scalars (`*_seconds` renamed `*_time`), plus diag/loss and diag/time."""
+    out = {"diag/loss": loss, "diag/time": seconds}
+    for record in records.values():
+        for key, value in record.scalars().items():
+            name = key.removesuffix("_seconds") + "_time" if key.endswith("_seconds") else key
+            out[f"diag/{name}"] = value
+    return out
+
+
+def records_to_keep(resume: Any, out: Path) -> int:
+    """How many records of diagnostics.jsonl a resumed run keeps: those up to the checkpoint's step (copied into
+    `out` first when it resumes another folder). 0 for a fresh run."""
+    if resume is None:
+        return 0
+    source = resume.folder / FILE
+    lines = source.read_bytes().split(b"\n")[:-1] if source.exists() else []   # complete lines only
+    step = int(resume.state["progress"]["step"])
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if kept and resume.folder != out:
+        atomic_write_bytes(out / FILE, b"".join(line + b"\n" for line in kept))
+    return len(kept)
