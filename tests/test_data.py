@@ -74,7 +74,7 @@ def test_unknown_option_and_wrong_type_are_named_from_the_signature():
     with pytest.raises(OptionError, match=rf"^dataset\.colour is not an option of dataset 'build_sine'\. {valid}$"):
         check_call("dataset", build_sine, {"colour": "red"})
     with pytest.raises(OptionError, match=r"^dataset\.augment is not an option of dataset 'build_mnist'\. "
-                                          r"Valid keys: root, download\.$"):
+                                          r"Valid keys: root, download, num_train\.$"):
         check_call("dataset", build_mnist, {"root": "/x", "augment": True})
     with pytest.raises(OptionError, match=r"^dataset\.noise=abc must be a finite number\.$"):
         check_call("dataset", build_sine, {"noise": "abc"})
@@ -444,6 +444,19 @@ def test_file_configs_instantiate(tmp_path):
     with pytest.raises(InstantiationException) as caught:
         _instantiate("mnist", str(tmp_path))
     assert isinstance(caught.value.__cause__, FileNotFoundError) and "'mnist'" in str(caught.value.__cause__)
+
+
+@needs_data
+def test_num_train_keeps_the_first_training_images_and_the_whole_test_split():
+    full, part = build_mnist(DATA_ROOT), build_mnist(DATA_ROOT, num_train=1000)
+    assert (len(part.train), len(part.test)) == (1000, 10000)
+    assert torch.equal(part.train.inputs, full.train.inputs[:1000])
+    assert torch.equal(part.train.targets, full.train.targets[:1000])
+    assert torch.equal(part.test.inputs, full.test.inputs)
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=60001 must not exceed the 60000 training images\.$"):
+        build_fashion_mnist(DATA_ROOT, num_train=60001)
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=0 must be an integer >= 1\.$"):
+        build_mnist(DATA_ROOT, num_train=0)
 
 
 @needs_data
