@@ -45,6 +45,7 @@ def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: st
 
 def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, download: bool,
                 num_train: int | None = None) -> Splits:
+    num_train = optional(positive_int)("dataset.num_train", num_train)
     root = resolve_root(name, root)
     folder = os.path.join(root, cls.__name__, "raw")
     files = [os.path.join(folder, f"{split}-{kind}") for split in ("train", "t10k")
@@ -55,23 +56,23 @@ def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, downlo
     for split, data in (("train", train), ("t10k", test)):
         check_labels(name, os.path.join(folder, f"{split}-labels-idx1-ubyte"), data.targets.numpy(), 10)
     # Read the uint8 tensors torchvision already parsed ((N, 28, 28)); never go through PIL images.
+    if num_train is not None and num_train > len(train.data):
+        fail("dataset.num_train", num_train, f"must not exceed the {len(train.data)} training images.")
+    train_images = train.data if num_train is None else train.data[:num_train]  # the first num_train, in file order
     splits = [
-        TensorPairDataset(_normalised(d.data.unsqueeze(1), (mean,), (std,)), d.targets.long()) for d in (train, test)
+        TensorPairDataset(_normalised(images.unsqueeze(1), (mean,), (std,)), labels[: len(images)].long())
+        for images, labels in ((train_images, train.targets), (test.data, test.targets))
     ]
-    if optional(positive_int)("dataset.num_train", num_train) is not None:
-        if num_train > len(splits[0]):
-            fail("dataset.num_train", num_train, f"exceeds the {len(splits[0])} training samples.")
-        splits[0] = TensorPairDataset(splits[0].inputs[:num_train], splits[0].targets[:num_train])
     return Splits(name, splits[0], splits[1], (1, 28, 28), 10, "cross_entropy", in_memory=True)
 
 
-def build_mnist(root: str, download: bool = False, *, num_train: int | None = None) -> Splits:
-    """``num_train``: keep only the first N training samples (e.g. seed 000's fixed batch of 100; null: all)."""
+def build_mnist(root: str, download: bool = False, num_train: int | None = None) -> Splits:
+    """``num_train``: train on the first N of the 60,000 training images only (null = all); the test split is whole."""
     return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download, num_train)
 
 
-def build_fashion_mnist(root: str, download: bool = False, *, num_train: int | None = None) -> Splits:
-    """``num_train``: keep only the first N training samples (null: all 60,000)."""
+def build_fashion_mnist(root: str, download: bool = False, num_train: int | None = None) -> Splits:
+    """``num_train`` as for :func:`build_mnist`."""
     return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, num_train)
 
 

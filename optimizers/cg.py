@@ -9,7 +9,11 @@ only sees through ``matvec``. It follows seed 002 Algorithm 2 and Martens 2010 s
   (q(x_i) - q(x_{i-k})) / q(x_i) < k * martens_tol, with k = max(martens_gap, ceil(0.1 i)), never before
   ``min_iters``. Martens uses martens_gap = 10; seed 002 Algorithm 2 starts its window at the minimum number of
   CG steps t (j <- max{t, ...}), which is why it stops after 6-10 steps with t = 3;
-* p^T A p <= 0 (negative curvature, possible for an undamped Hessian) ends the solve at the last good iterate;
+* p^T A p <= 0 (negative curvature, possible for an undamped Hessian): ``negative_curvature="stop"`` ends the solve
+  at the last good iterate (the usual truncated-Newton safeguard); ``"continue"`` is seed 000's Algorithm 3 as written,
+  which takes alpha = r^T y / p^T A p whatever its sign and iterates on to the tolerance, leaving the judgement of the
+  result to the caller (seed 000 Algorithm 4's descent check). CG on a symmetric indefinite but non-singular A still
+  reaches A^-1 b in at most n steps unless p^T A p = 0 exactly ("breakdown", the only stop it cannot step past);
 * iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6).
 
 One host synchronisation per iteration: the scalars the stopping rules read are fetched together.
@@ -27,7 +31,8 @@ from torch import Tensor
 from optimizers.base import OptimizerOptions
 from optimizers.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
 
-STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature")
+STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature", "breakdown")
+NEGATIVE_CURVATURE = ("stop", "continue")
 
 
 @dataclass(frozen=True)
@@ -58,11 +63,12 @@ class CGOptions(OptimizerOptions):
 class CGResult:
     x: Tensor                    # final iterate
     iterations: int              # CG iterations completed
-    stop_reason: str             # "martens" | "max_iters" | "tolerance" | "negative_curvature"
+    stop_reason: str             # one of STOP_REASONS
     residual_norm: float         # |A x - b| (the recurrence's residual: no extra product)
     model_decrease: float        # q(x) - q(x0) with q(x) = 1/2 x^T A x - b^T x   (negative = decrease)
     iterates: list[tuple[int, Tensor]] = field(default_factory=list)  # (i, x_i) at i = ceil(5 * 1.3^j) and the last
     phis: list[float] = field(default_factory=list)                   # phis[i] = q(x_i), i = 0 .. iterations
+    negative_directions: int = 0  # directions with p^T A p < 0 stepped along (negative_curvature="continue")
 
 
 def storage_schedule(max_iters: int) -> set[int]:
@@ -76,13 +82,14 @@ def storage_schedule(max_iters: int) -> set[int]:
 
 def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = None, precond: Tensor | None = None,
         min_iters: int = 1, max_iters: int = 250, martens_tol: float = 5e-4, tol: float = 0.0,
-        store_iterates: bool = True, martens_gap: int = 10) -> CGResult:
+        store_iterates: bool = True, martens_gap: int = 10, negative_curvature: str = "stop") -> CGResult:
     """Minimise q(x) = 1/2 x^T A x - b^T x with A = ``matvec`` by preconditioned CG.
 
     ``precond`` is the diagonal of M (positive), ``x0`` the warm start (zero when None). ``martens_tol = 0`` switches
     Martens' rule off, ``tol`` > 0 stops once |r| <= tol |b|. An exactly zero residual always stops ("tolerance").
+    ``negative_curvature``: "stop" at a direction with p^T A p <= 0, or "continue" through it (seed 000 Algorithm 3).
     """
-    _check_arguments(min_iters, max_iters, martens_tol, tol, martens_gap)
+    _check_arguments(min_iters, max_iters, martens_tol, tol, martens_gap, negative_curvature)
     minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
     s = _start(matvec, b, x0, minv)
     p = -s.y
@@ -91,12 +98,15 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     keep = storage_schedule(max_iters) if store_iterates else set()
     iterates: list[tuple[int, Tensor]] = []
     reason, i = ("tolerance" if head[1] == 0.0 else "max_iters"), 0  # ry = 0: x0 already solves the system
+    negatives = 0
     while reason == "max_iters" and i < max_iters:
         ap = matvec(p)
         new, host = _advance(s, p, ap, b, minv, tol)
-        if not host[0] > 0.0:                   # p^T A p <= 0 (or nan): keep the last good iterate
-            reason = "negative_curvature"
-            break
+        if not host[0] > 0.0:                   # p^T A p <= 0 (or nan)
+            if negative_curvature == "stop" or not host[0] < 0.0:  # stop, or no step length: keep the last iterate
+                reason = "negative_curvature" if negative_curvature == "stop" else "breakdown"
+                break
+            negatives += 1                      # seed 000 Algorithm 3: step on with alpha < 0
         i += 1
         p = -new.y + (new.ry / s.ry) * p
         s = new
@@ -110,7 +120,7 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     if not iterates or iterates[-1][0] != i:
         iterates.append((i, s.x))
     return CGResult(x=s.x, iterations=i, stop_reason=reason, residual_norm=float(s.r.norm()),
-                    model_decrease=phis[-1] - phis[0], iterates=iterates, phis=phis)
+                    model_decrease=phis[-1] - phis[0], iterates=iterates, phis=phis, negative_directions=negatives)
 
 
 @dataclass
@@ -144,13 +154,16 @@ def _advance(s: _CGState, p: Tensor, ap: Tensor, b: Tensor, minv: Tensor | None,
     return new, torch.stack(scalars).tolist()
 
 
-def _check_arguments(min_iters: int, max_iters: int, martens_tol: float, tol: float, martens_gap: int) -> None:
+def _check_arguments(min_iters: int, max_iters: int, martens_tol: float, tol: float, martens_gap: int,
+                     negative_curvature: str) -> None:
     if min_iters < 0 or max_iters < 1 or min_iters > max_iters:
         raise ValueError(f"pcg needs 0 <= min_iters <= max_iters and max_iters >= 1, got min_iters={min_iters}, "
                          f"max_iters={max_iters}.")
     if martens_tol < 0 or tol < 0 or martens_gap < 1:
         raise ValueError(f"pcg needs martens_tol >= 0, tol >= 0 and martens_gap >= 1, got martens_tol={martens_tol}, "
                          f"tol={tol}, martens_gap={martens_gap}.")
+    if negative_curvature not in NEGATIVE_CURVATURE:
+        raise ValueError(f"pcg needs negative_curvature in {NEGATIVE_CURVATURE}, got {negative_curvature!r}.")
 
 
 def _martens_stop(phis: list[float], i: int, martens_tol: float, martens_gap: int) -> bool:

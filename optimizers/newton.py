@@ -7,7 +7,9 @@ One step, after ``pretrain_steps`` plain gradient-descent steps (seed 000 Algori
 1. solve (H + lambda I) s = -g  (Tikhonov damping, seed 000 eq. 7.5; seed 004 eq. 2; lambda = 0 is plain Newton)
    - ``solver=explicit``: H from ``objective.hessian_matrix()`` and a dense solve (seed 004's "Newton's method");
    - ``solver=cg``: inexact Newton, conjugate gradient on Hessian-vector products (seed 000 sec. 9.2, seed 004
-     "Hessian-free Newton"), stopped early on negative curvature;
+     "Hessian-free Newton"). ``cg_negative_curvature=stop`` (default) ends CG at the first direction with
+     p^T H p <= 0 (the truncated-Newton safeguard); ``continue`` is seed 000's Algorithm 3 as written: CG steps on
+     through negative curvature to its tolerance and the descent check of step 2 judges the result;
 2. descent check (seed 000 Algorithm 4): if g^T s > T (threshold T <= 0) the direction is not a safe descent
    direction and the step falls back to s = -g;
 3. step size: Armijo backtracking sigma in {1, beta, beta^2, ...} with f(w + sigma s) - f(w) <= sigma gamma g^T s
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer
-from optimizers.cg import CGOptions, pcg
+from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, pcg
 from optimizers.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
 from optimizers.checks import positive, positive_int
 from optimizers.gd import StepSizeOptions, step_rate
@@ -53,6 +55,7 @@ class NewtonOptions(StepSizeOptions, CGOptions):
     track_min_eigenvalue: bool = option(False, boolean)   # log the smallest Hessian eigenvalue (explicit solver)
     cg_gap: int | None = option(10, optional(positive_int))  # Martens 2010's window floor (solver=cg)
     cg_init: str = option("zero", one_of(*CG_INITS))      # solver=cg: zero | weights (seed 000 sec. 14.3: w/|w|)
+    cg_negative_curvature: str = option("stop", one_of(*NEGATIVE_CURVATURE))  # solver=cg: stop | continue (seed 000)
 
 
 class Newton(Optimizer):
@@ -153,7 +156,8 @@ class Newton(Optimizer):
         return -(evecs @ (inverse * (evecs.T @ g)))
 
     def _solve_cg(self, objective: Objective, g: Tensor, stats: dict[str, Any]) -> Tensor:
-        """Inexact Newton: CG on Hessian-vector products, stopped on negative curvature (seed 000 sec. 9.2)."""
+        """Inexact Newton: CG on Hessian-vector products (seed 000 sec. 9.2), stopped on or stepping through negative
+        curvature (``cg_negative_curvature``)."""
         o = self.options
 
         def matvec(v: Tensor) -> Tensor:
@@ -164,9 +168,10 @@ class Newton(Optimizer):
             # Seed 000 sec. 14.3 warm-starts CG "from the normalised weight vector w / |w|".
             w = params_vector(self.params)
             x0 = w / w.norm() if bool(w.norm() > 0) else None
-        result = pcg(matvec, -g, x0=x0, **o.cg_kwargs(store_iterates=False))
+        result = pcg(matvec, -g, x0=x0, **o.cg_kwargs(store_iterates=False, negative_curvature=o.cg_negative_curvature))
         stats.update({"solve": "cg", "cg/iters": result.iterations, "cg/stop": result.stop_reason,
-                      "cg/residual": result.residual_norm, "cg/model_decrease": result.model_decrease})
+                      "cg/residual": result.residual_norm, "cg/model_decrease": result.model_decrease,
+                      "cg/negative_directions": result.negative_directions})
         return result.x
 
     # ------------------------------------------------------------------ state

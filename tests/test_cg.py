@@ -204,3 +204,55 @@ def test_bad_arguments_raise():
         pcg(lambda v: a @ v, b, martens_tol=-1.0)
     with pytest.raises(ValueError, match="at least one stored iterate"):
         cg_backtrack([], lambda x: x.sum())
+
+
+# ---------------------------------------------------------------------------------------------------- seed 000's CG
+def indefinite(n: int = 8, seed: int = 3) -> torch.Tensor:
+    """Q diag(-3, -2, -1, 1, 2, 3, 4, 5) Q^T: symmetric, non-singular, with three negative eigenvalues."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT))
+    return q @ torch.diag(torch.tensor([-3.0, -2, -1, 1, 2, 3, 4, 5], dtype=DT)) @ q.T
+
+
+def seed000_cg(a: torch.Tensor, b: torch.Tensor, x: torch.Tensor, iterations: int) -> tuple[torch.Tensor, int]:
+    """Seed 000 Algorithm 3 written out (residual r = b - A x, no curvature test); also counts p^T A p < 0."""
+    r = b - a @ x
+    p, negatives = r.clone(), 0
+    for _ in range(iterations):
+        pap = p @ a @ p
+        negatives += int(pap < 0)
+        alpha = (r @ r) / pap
+        x, r_new = x + alpha * p, r - alpha * (a @ p)
+        p, r = r_new + (r_new @ r_new) / (r @ r) * p, r_new
+    return x, negatives
+
+
+def test_continue_through_negative_curvature_is_seed000_algorithm3_and_solves_the_system():
+    a, b = indefinite(), rhs(8)
+    for k in (1, 2, 3, 5):   # iterate by iterate, the same points as the algorithm written out
+        result = pcg(lambda v: a @ v, b, martens_tol=0.0, max_iters=k, negative_curvature="continue")
+        expected, negatives = seed000_cg(a, b, torch.zeros(8, dtype=DT), k)
+        assert (result.iterations, result.negative_directions) == (k, negatives)
+        assert rel_err(result.x, expected) < 1e-10
+    full = pcg(lambda v: a @ v, b, martens_tol=0.0, tol=1e-12, max_iters=50, negative_curvature="continue")
+    assert full.stop_reason == "tolerance" and full.negative_directions >= 1
+    assert rel_err(full.x, torch.linalg.solve(a, b)) < 1e-9  # the indefinite system's solution, not a truncation
+    assert full.phis[-1] == pytest.approx(q_of(a, b, full.x), rel=1e-9)
+    # The default stops at the first direction of negative curvature, short of the solution.
+    stopped = pcg(lambda v: a @ v, b, martens_tol=0.0, tol=1e-12, max_iters=50)
+    assert stopped.stop_reason == "negative_curvature" and stopped.iterations < full.iterations
+    assert rel_err(stopped.x, torch.linalg.solve(a, b)) > 0.1
+    # Warm start (seed 000 sec. 14.3 starts from w/|w|): the same points as the algorithm from that x0.
+    x0 = rhs(8, seed=9)
+    warm = pcg(lambda v: a @ v, b, x0=x0, martens_tol=0.0, max_iters=3, negative_curvature="continue")
+    assert rel_err(warm.x, seed000_cg(a, b, x0, 3)[0]) < 1e-10
+
+
+def test_continue_stops_only_at_zero_curvature_breakdown():
+    a = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=DT)   # b^T A b = 0: alpha is undefined at once
+    b = torch.tensor([1.0, 0.0], dtype=DT)
+    result = pcg(lambda v: a @ v, b, martens_tol=0.0, negative_curvature="continue")
+    assert (result.stop_reason, result.iterations) == ("breakdown", 0) and torch.equal(result.x, torch.zeros(2, dtype=DT))
+    assert pcg(lambda v: a @ v, b, martens_tol=0.0).stop_reason == "negative_curvature"
+    with pytest.raises(ValueError, match="negative_curvature"):
+        pcg(lambda v: a @ v, b, negative_curvature="maybe")

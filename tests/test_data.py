@@ -59,18 +59,6 @@ def test_mnist_like_real_files(build, mean, std):
     assert torch.bincount(splits.train.targets).min().item() > 5000  # every class present (5,421 to 6,742)
 
 
-@needs_data
-def test_num_train_keeps_the_first_training_samples():
-    full, first = build_mnist(DATA_ROOT), build_mnist(DATA_ROOT, num_train=100)  # seed 000's fixed batch of b = 100
-    assert len(first.train) == 100 and len(first.test) == 10000
-    assert torch.equal(first.train.inputs, full.train.inputs[:100])
-    assert torch.equal(first.train.targets, full.train.targets[:100])
-    with pytest.raises(OptionError, match=r"^dataset\.num_train=60001 exceeds the 60000 training samples\.$"):
-        build_fashion_mnist(DATA_ROOT, num_train=60001)
-    with pytest.raises(OptionError, match=r"^dataset\.num_train=0 must be an integer >= 1\.$"):
-        build_mnist(DATA_ROOT, num_train=0)
-
-
 @pytest.mark.parametrize(
     "build, name, folder", [(build_mnist, "mnist", "MNIST/raw"), (build_cifar10, "cifar10", "cifar-10-batches-py")]
 )
@@ -456,6 +444,19 @@ def test_file_configs_instantiate(tmp_path):
     with pytest.raises(InstantiationException) as caught:
         _instantiate("mnist", str(tmp_path))
     assert isinstance(caught.value.__cause__, FileNotFoundError) and "'mnist'" in str(caught.value.__cause__)
+
+
+@needs_data
+def test_num_train_keeps_the_first_training_images_and_the_whole_test_split():
+    full, part = build_mnist(DATA_ROOT), build_mnist(DATA_ROOT, num_train=1000)
+    assert (len(part.train), len(part.test)) == (1000, 10000)
+    assert torch.equal(part.train.inputs, full.train.inputs[:1000])
+    assert torch.equal(part.train.targets, full.train.targets[:1000])
+    assert torch.equal(part.test.inputs, full.test.inputs)
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=60001 must not exceed the 60000 training images\.$"):
+        build_fashion_mnist(DATA_ROOT, num_train=60001)
+    with pytest.raises(OptionError, match=r"^dataset\.num_train=0 must be an integer >= 1\.$"):
+        build_mnist(DATA_ROOT, num_train=0)
 
 
 @needs_data

@@ -183,6 +183,49 @@ def test_cg_negative_curvature_at_once_falls_back_to_gradient():
     assert k is not None and k <= 30  # measured: 21 more steps
 
 
+def rosenbrock_hessian(w: torch.Tensor) -> torch.Tensor:
+    u, v = w
+    return torch.stack([torch.stack([2 - 400 * (v - u * u) + 800 * u * u, -400 * u]),
+                        torch.stack([-400 * u, torch.tensor(200.0, dtype=torch.float64)])])
+
+
+@pytest.mark.parametrize("start, fallback", [((-0.5, 2.5), 0), ((-1.3, 1.7), 1)])
+def test_cg_continue_solves_the_indefinite_newton_system_and_the_descent_check_decides(start, fallback):
+    # Seed 000 Algorithm 3: CG steps through p^T H p < 0 to its tolerance, giving the exact Newton step -H^-1 g of
+    # the indefinite 2-D system; Algorithm 4's descent check then keeps it (from (-0.5, 2.5) it descends, cosine 0.71,
+    # where the default CG stops at once and falls back) or falls back to -g (from (-1.3, 1.7) it ascends).
+    model, x, y = rosenbrock(start)
+    w0 = params_vector(model.parameters())
+    hessian, g = rosenbrock_hessian(w0), rosenbrock_grad(w0)
+    assert float(torch.linalg.eigvalsh(hessian)[0]) < 0
+    newton_step = -torch.linalg.solve(hessian, g)
+    opt = Newton(model.parameters(), solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0, cg_tol=1e-10,
+                 step_size="fixed", fallback_lr=1e-4)
+    stats = opt.step(Objective(model, "sse", x, y))
+    assert (stats["cg/stop"], stats["cg/iters"], stats["cg/negative_directions"]) == ("tolerance", 2, 1)
+    cosine = float(-g @ newton_step / (g.norm() * newton_step.norm()))
+    assert float(stats["descent_cosine"]) == pytest.approx(cosine, abs=1e-9) and stats["fallback"] == fallback
+    expected = w0 - 1e-4 * g if fallback else w0 + newton_step
+    assert (params_vector(model.parameters()) - expected).abs().max() < 1e-9
+    if not fallback:  # the default (stop) meets negative curvature at the first direction and falls back to -g
+        model, x, y = rosenbrock(start)
+        stop = Newton(model.parameters(), solver="cg").step(Objective(model, "sse", x, y))
+        assert (stop["cg/stop"], stop["cg/iters"], stop["fallback"]) == ("negative_curvature", 0, 1)
+
+
+def test_cg_continue_reaches_rosenbrock_minimum_from_an_indefinite_start():
+    model, x, y = rosenbrock((-0.5, 2.5))
+    opt = Newton(model.parameters(), solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0, cg_tol=1e-10)
+    k, _ = steps_to_minimum(opt, model, x, y, 60)
+    assert k is not None and k <= 25  # measured: 17 steps (the default, stopping CG, needs 22)
+
+
+def test_cg_negative_curvature_is_checked():
+    model, _, _ = rosenbrock((0.0, 0.0))
+    with pytest.raises(ValueError, match=r"optimizer\.cg_negative_curvature=maybe.*stop.*continue"):
+        Newton(model.parameters(), solver="cg", cg_negative_curvature="maybe")
+
+
 def test_absolute_slope_threshold_stalls_near_the_minimum():
     # Why the default check is the cosine: seed 000's literal g^T s > T with a fixed T < 0 rejects every Newton step
     # once g^T s ~ -2 f is above T, so the method degrades to gradient descent next to the minimiser.
