@@ -147,7 +147,10 @@ class Newton(Optimizer):
             return s
         # Singular system (e.g. undamped Newton on a degenerate Hessian): minimum-norm least-squares solution,
         # dropping eigenvalues below the usual rank tolerance n * eps * max|eigenvalue|.
-        evals, evecs = torch.linalg.eigh(system)
+        try:
+            evals, evecs = torch.linalg.eigh(system)
+        except torch.linalg.LinAlgError:  # LAPACK's float32 divide and conquer can fail on a Hessian with many zero
+            evals, evecs = (t.to(system.dtype) for t in torch.linalg.eigh(system.double()))  # rows (dead units)
         cutoff = evals.abs().max() * system.shape[0] * torch.finfo(system.dtype).eps
         keep = evals.abs() > cutoff
         inverse = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))

@@ -3,6 +3,7 @@ Newton step is exact), the deterministic Rosenbrock function (minimum (1, 1)), a
 to the maximum at pi, seed 004's diverging baseline)."""
 import inspect
 import math
+import os
 from pathlib import Path
 
 import hydra
@@ -129,6 +130,53 @@ def test_singular_hessian_uses_pseudo_inverse():
     assert (params_vector(model.lin.parameters()) - w_star).abs().max() < 1e-10
     assert model.unused.item() == 1.0
 
+
+
+def test_pseudo_inverse_survives_a_failing_float32_eigh(monkeypatch):
+    """LAPACK's float32 eigh can fail to converge on a singular Hessian (seed 004's undamped Newton on MNIST, below):
+    the pseudo-inverse is then taken in float64. The float32 failure is injected here; the answer must still be the
+    minimum-norm solution of the least-squares problem, from an independent lstsq."""
+    eigh = torch.linalg.eigh
+
+    def failing_in_float32(a):
+        if a.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge (injected)")
+        return eigh(a)
+
+    _, x, y, xa, theta, _ = least_squares()
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2, bias=False)  # float32; a zero input column makes H singular
+    w0 = model.weight.detach().clone()
+    x0 = torch.cat([x[:, :3], torch.zeros(12, 1, dtype=torch.float64)], dim=1)
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    stats = run(Newton(model.parameters(), step_size="fixed", descent_check="none"), model, x0.float(), y.float(), 1,
+                "mse")[0]
+    expected = torch.linalg.lstsq(x0[:, :3], y).solution.T  # (2, 3): the fit on the three live inputs
+    assert stats["solve"] == "pinv"
+    assert (model.weight.detach()[:, :3].double() - expected).abs().max() < 1e-4
+    assert torch.equal(model.weight.detach()[:, 3], w0[:, 3])  # a minimum-norm step leaves the dead column alone
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("CURVLAB_DATA"), reason="CURVLAB_DATA is not set (MNIST)")
+def test_undamped_newton_on_seed004_net_with_a_dead_unit_keeps_going():
+    """Seed 004's undamped Newton (alpha = 0.5, no descent check) with 2 hidden units on MNIST batches of 64: a unit
+    dies and its 795 weights give H zero rows; float32 eigh then failed at step 7 (torch 2.14.1, CPU) and ended the
+    run with a LinAlgError."""
+    from data.vision import build_mnist
+    from models.mlp import build_mlp
+
+    torch.manual_seed(0)
+    splits = build_mnist(os.environ["CURVLAB_DATA"])
+    model = build_mlp((1, 28, 28), 10, hidden=[2], activation="relu")
+    opt = Newton(model.parameters(), step_size="fixed", lr=0.5, descent_check="none")
+    order = torch.randperm(len(splits.train.targets), generator=torch.Generator().manual_seed(0))
+    solves = []
+    for step in range(8):
+        idx = order[64 * step:64 * (step + 1)]
+        stats = opt.step(Objective(model, "cross_entropy", splits.train.inputs[idx], splits.train.targets[idx]))
+        solves.append(stats["solve"])
+    assert "pinv" in solves and all(torch.isfinite(p).all() for p in model.parameters())
 
 # ---------------------------------------------------------------------------------------------------- Rosenbrock
 def steps_to_minimum(opt, model, x, y, max_steps, tol=1e-6):
