@@ -101,7 +101,10 @@ def _load(folder: Path, cfg: DictConfig, why: str) -> Resume:
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse a resume whose config differs in anything but BUDGET_KEYS / BUDGET_PREFIXES, naming every key."""
     old, new = _flatten(saved), _flatten(current)
-    changed = [key for key in sorted(set(old) | set(new))
+    # A key the config gained after the checkpoint was written (e.g. objective.micro_batch_size), left at null, is the
+    # old behaviour: it does not block the resume. Set to anything else, it is a change like any other.
+    added_and_off = {key for key in set(new) - set(old) if new[key] is None}
+    changed = [key for key in sorted((set(old) | set(new)) - added_and_off)
                if old.get(key, "<unset>") != new.get(key, "<unset>")
                and key not in BUDGET_KEYS and not key.startswith(BUDGET_PREFIXES)]
     if changed:

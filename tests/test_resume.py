@@ -260,6 +260,21 @@ def test_a_resume_with_another_config_is_refused_naming_the_keys(interrupted, tm
     assert not (tmp_path / "new" / "metrics.jsonl").exists()
 
 
+def test_a_checkpoint_older_than_a_config_key_resumes_while_that_key_is_null(tmp_path):
+    """A checkpoint written before the config gained objective.micro_batch_size (null = the old behaviour) resumes;
+    setting the new key is a config change like any other and is refused."""
+    train(make_config(*SMALL, "trainer.max_steps=3"), tmp_path / "old")
+    state = load_checkpoint(tmp_path / "old" / CHECKPOINT)
+    del state["config"]["objective"]["micro_batch_size"]
+    save_checkpoint(tmp_path / "old", {key: value for key, value in state.items() if key != "format"})
+    with pytest.raises(ValueError, match=r"differs in objective\.micro_batch_size \('<unset>' in the checkpoint, 2 now"):
+        train(make_config(*SMALL, "trainer.max_steps=5", "objective.micro_batch_size=2",
+                          f"trainer.resume={tmp_path / 'old'}"), tmp_path / "refused")
+    resumed = train(make_config(*SMALL, "trainer.max_steps=5", f"trainer.resume={tmp_path / 'old'}"), tmp_path / "new")
+    assert resumed.status == "ok"
+    assert [row["step"] for row in metrics(tmp_path / "new")] == [1, 2, 3, 4, 5]
+
+
 def test_resume_needs_a_checkpoint_and_a_fresh_folder(interrupted, tmp_path):
     with pytest.raises(ValueError, match=r"trainer.resume=\[1\] must be true, false, null or the folder of the run"):
         train(make_config(*SMALL, "trainer.max_steps=3", "trainer.resume=[1]"), tmp_path / "bad")
