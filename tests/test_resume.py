@@ -267,7 +267,8 @@ def test_a_checkpoint_older_than_a_config_key_resumes_while_that_key_is_null(tmp
     state = load_checkpoint(tmp_path / "old" / CHECKPOINT)
     del state["config"]["objective"]["micro_batch_size"]
     save_checkpoint(tmp_path / "old", {key: value for key, value in state.items() if key != "format"})
-    with pytest.raises(ValueError, match=r"differs in objective\.micro_batch_size \('<unset>' in the checkpoint, 2 now"):
+    refused = r"differs in objective\.micro_batch_size \('<unset>' in the checkpoint, 2 now"
+    with pytest.raises(ValueError, match=refused):
         train(make_config(*SMALL, "trainer.max_steps=5", "objective.micro_batch_size=2",
                           f"trainer.resume={tmp_path / 'old'}"), tmp_path / "refused")
     resumed = train(make_config(*SMALL, "trainer.max_steps=5", f"trainer.resume={tmp_path / 'old'}"), tmp_path / "new")
