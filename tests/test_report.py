@@ -282,3 +282,20 @@ def test_runs_without_a_hydra_record_are_grouped_by_their_config_file(folders, t
         shutil.rmtree(copy / ".hydra")  # e.g. a run made by runner.train.train(cfg, output_dir) in Python
     report = build_report([tmp_path / "runs"], out=tmp_path / "r", formats=[])
     assert [g["group"] for g in report.groups] == ["hf", "sgd"]  # conf/optimizer/hf.yaml, not "hessianfree"
+
+
+def test_a_group_whose_runs_share_no_wall_clock_range_is_still_drawn():
+    # One run's first step took longer than the other run's whole training (a load spike on a shared machine): no
+    # common time range, so no mean band; the group must still appear, each run drawn alone.
+    from runner.report.load import Run
+    from runner.report.plots import plot_curves
+
+    def rows(t0):
+        return [{"step": s, "wall_time": t0 + 0.1 * s, "loss": 1.0 / s} for s in range(1, 6)]
+
+    runs = [Run(Path(f"r{i}"), {}, {}, {"status": "ok"}, rows(t0), "ok") for i, t0 in enumerate((0.0, 5.0))]
+    fig = plot_curves({"curveball": runs}, "time")
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == ["curveball (n=2, each run alone)"]
+    assert [list(line.get_xdata()) for line in fig.axes[0].lines] == [[0.1 * s + t0 for s in range(1, 6)]
+                                                                      for t0 in (0.0, 5.0)]

@@ -116,13 +116,16 @@ def plot_cg_stops(groups: dict[str, list[Run]]):
 
 def _draw(ax, runs: list[Run], key: str, x: str, color, label: str) -> None:
     """The mean and min-max band over the ok runs; every other run alone, dashed, with a cross at its end."""
-    ok = [curve(run, key, x) for run in runs if run.status == "ok"]
+    ok = [xy for xy in (curve(run, key, x) for run in runs if run.status == "ok") if len(xy[0])]
     grid, mean, lo, hi = band(ok)
     if len(grid):
         marker = "o" if len(grid) <= 30 else None
         ax.plot(grid, mean, color=color, lw=1.4, marker=marker, ms=3, label=f"{label} (n={len(ok)})")
         if len(ok) > 1:
             ax.fill_between(grid, lo, hi, color=color, alpha=0.2, lw=0)
+    else:  # no x range common to all runs (wall-clock after one slow first step): no mean, each run alone
+        for i, (xs, ys) in enumerate(ok):
+            ax.plot(xs, ys, color=color, lw=0.9, label=f"{label} (n={len(ok)}, each run alone)" if i == 0 else None)
     for run in runs:
         if run.status == "ok":
             continue
