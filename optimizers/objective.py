@@ -43,7 +43,7 @@ from optimizers.losses import Loss, get_loss
 from optimizers.per_sample import grad_sq_sums
 from optimizers.vec import add_to_params, flatten, unflatten
 
-GGN_BACKENDS = ("auto", *JACOBIAN_BACKENDS)
+GGN_BACKENDS = ("auto", *JACOBIAN_BACKENDS)  # the built-in choices (the registries are read at each construction)
 HVP_BACKENDS = tuple(HESSIAN_BACKENDS)
 CURVATURES = ("ggn", "hessian")
 
@@ -58,8 +58,8 @@ class Objective:
                  ggn_backend: str = "auto", hvp_backend: str = "double_backward",
                  curvature_batch_size: int | None = None, per_sample_chunk: int | None = None,
                  global_batch_size: int | None = None):
-        self.ggn_backend = checks.one_of(*GGN_BACKENDS)("objective.ggn_backend", ggn_backend)
-        self.hvp_backend = checks.one_of(*HVP_BACKENDS)("objective.hvp_backend", hvp_backend)
+        self.ggn_backend = checks.one_of("auto", *JACOBIAN_BACKENDS)("objective.ggn_backend", ggn_backend)
+        self.hvp_backend = checks.one_of(*HESSIAN_BACKENDS)("objective.hvp_backend", hvp_backend)
         self.curvature_batch_size = checks.optional(checks.positive_int)("objective.curvature_batch_size",
                                                                          curvature_batch_size)
         self.per_sample_chunk = checks.optional(checks.positive_int)("objective.per_sample_chunk", per_sample_chunk)

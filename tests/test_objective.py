@@ -321,3 +321,28 @@ def test_forward_with_jvp_matches_jvp_and_falls_back_after_the_forward():
     assert rel(jv, plain.jvp(v)) < 1e-14
     assert rel(plain.forward_with_jvp(v), jv) < 1e-14  # the forward ran already: an ordinary jvp
     assert fused.loss().item() == plain.loss().item()
+
+
+def test_a_new_backend_is_one_class_and_one_registry_line(monkeypatch, float64_case):
+    """Issue 6: adding a Jacobian backend touches nothing but the registry. This one computes J v with
+    ``torch.func.jvp`` (a path no built-in backend takes) and must give the dense GGN's product."""
+    from optimizers.backends import JACOBIAN_BACKENDS, JacobianBackend
+    from optimizers.vec import unflatten
+
+    class FuncJvp(JacobianBackend):
+        name = "func_jvp"
+
+        def jvp(self, v):
+            obj = self.objective
+            primals = {n: p.detach() for n, p in zip(obj.names, obj.params)}
+            tangents = dict(zip(obj.names, unflatten(v, obj.params)))
+            with obj.replay_rng():
+                return torch.func.jvp(lambda p: obj.call_with(p, self.batch.inputs), (primals,), (tangents,))[1]
+
+    c = float64_case
+    with pytest.raises(ValueError, match="objective.ggn_backend=func_jvp"):
+        Objective(c.model, c.loss, c.x, c.y, ggn_backend="func_jvp")
+    monkeypatch.setitem(JACOBIAN_BACKENDS, "func_jvp", FuncJvp)
+    obj = Objective(c.model, c.loss, c.x, c.y, ggn_backend="func_jvp")
+    v = torch.randn(obj.numel, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    assert rel(obj.ggn_vp(v), dense_ggn(c.model, c.loss, c.x, c.y) @ v) < TOL
