@@ -67,6 +67,15 @@ class MicroBatchedObjective:
         """reduce(sum_i (b_i / B) fn(piece_i)): a parameter-space quantity of the whole batch."""
         return self.reduce(sum(w * r for w, r in zip(self.weights, self._each(fn))))
 
+    def _sum_pair(self, fn: Callable[[Objective], tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        """(reduce(sum_i w_i l_i), reduce(sum_i w_i g_i)) for fn(piece_i) = (l_i, g_i), a loss and a parameter-space
+        vector, accumulated piece by piece: one partial sum is alive, not one vector per piece (same order, so the
+        same bits, as summing a list)."""
+        loss, vector = 0, 0
+        for w, (l, g) in zip(self.weights, self._each(fn)):
+            loss, vector = loss + w * l, vector + w * g
+        return self.reduce(loss), self.reduce(vector)
+
     def _cached(self, key: str, compute: Callable[[], Tensor]) -> Tensor:
         versions = tuple(p._version for p in self.params)
         if versions != self._versions:
@@ -84,10 +93,13 @@ class MicroBatchedObjective:
 
     def gradient(self, curvature: str | None = None) -> Tensor:
         """The gradient (the loss comes from the same pieces' forward passes and is cached too)."""
+        def piece(part: Objective) -> tuple[Tensor, Tensor]:
+            gradient = part.gradient(curvature)  # first: it may run the forward pass its products need
+            return part.loss(), gradient
+
         def compute() -> Tensor:
-            pairs = list(self._each(lambda p: (p.gradient(curvature), p.loss())))
-            self._cache["loss"] = self.reduce(sum(w * l for w, (_, l) in zip(self.weights, pairs)))
-            return self.reduce(sum(w * g for w, (g, _) in zip(self.weights, pairs)))
+            self._cache["loss"], gradient = self._sum_pair(piece)
+            return gradient
 
         return self._cached("gradient", compute)
 
@@ -119,9 +131,7 @@ class MicroBatchedObjective:
         return self._sum(lambda p: p.loss_at(delta))
 
     def loss_and_gradient_at(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        pairs = list(self._each(lambda p: p.loss_and_gradient_at(delta)))
-        return (self.reduce(sum(w * l for w, (l, _) in zip(self.weights, pairs))),
-                self.reduce(sum(w * g for w, (_, g) in zip(self.weights, pairs))))
+        return self._sum_pair(lambda p: p.loss_and_gradient_at(delta))
 
     def per_sample_grad_sq_mean(self) -> Tensor:
         return self._sum(lambda p: p.per_sample_grad_sq_mean())
