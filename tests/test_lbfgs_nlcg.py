@@ -268,3 +268,20 @@ def test_finite_difference_check_rejects_a_direction_of_the_wrong_size():
         finite_difference_check(objective, direction=torch.ones(3))
     single = finite_difference_check(objective, direction=torch.ones(51))
     assert single["max_relative_error"] < 1e-7 and len(single["relative_errors"]) == 1
+
+
+@pytest.mark.parametrize("method", [LBFGS, NLCG])
+def test_weight_decay_reaches_the_ridge_minimiser(method):
+    """Seed 001's regularised objective L + lambda/2 |w|^2 through the library's shared weight decay: L-BFGS and NLCG
+    reach the ridge minimiser, written in closed form here: ((2/m) X^T X + eta I) w = (2/m) X^T y for the mean
+    squared error (1/m) |X w - y|^2."""
+    x, y, w_true = least_squares()
+    eta, m = 0.3, x.shape[0]
+    w_star = torch.linalg.solve(2 / m * x.T @ x + eta * torch.eye(x.shape[1]), 2 / m * x.T @ y).T  # (1, n)
+    assert (w_star - w_true).abs().max() > 0.05  # the decay really moves the minimiser
+    model = nn.Linear(8, 1, bias=False)
+    tolerances = {"tolerance_grad": 1e-12, "tolerance_change": 0.0} if method is LBFGS else {}
+    opt = method(model.parameters(), weight_decay=eta, **tolerances)
+    for _ in range(60):
+        opt.step(Objective(model, "mse", x, y))
+    assert (model.weight.detach() - w_star).abs().max() < 1e-6
