@@ -1,5 +1,6 @@
 """Every optimiser reaches the deterministic Rosenbrock minimum (1, 1) (seed 003 eq. 19 with l1 = l2 = 1) from the
-textbook start (-1.2, 1) within a stated number of steps, in float64.
+textbook start (-1.2, 1) within a stated number of steps, in float64 and in float32, and the minimiser of a convex
+quadratic (zero-residual linear least squares) in both dtypes.
 
 The budgets are the measured step counts (CPU, this code) with ~25 % slack; seed 003 Table 1 reports, for its own
 start and tolerance, SGD+momentum 370, Adam 799, LM 16, BFGS 19, exact Hessian 14 and CurveBall 13 iterations.
@@ -42,3 +43,57 @@ def test_reaches_rosenbrock_minimum(name, factory, measured, budget):
     steps = steps_to_minimum(factory, budget)
     assert steps is not None, f"{name} did not reach (1, 1) within {budget} steps"
     assert steps > 0
+
+
+# ---------------------------------------------------------------- float32, and a convex quadratic in both dtypes
+# Measured steps (CPU, this code) per optimiser; the budget is 25 % above them plus 2.
+MEASURED = {  # name: (quadratic float64, quadratic float32, Rosenbrock float32)
+    "sgd": (217, 113, 861), "adam": (240, 144, 1803), "newton-explicit": (1, 1, 18), "newton-cg": (1, 1, 18),
+    "hf": (6, 4, 14), "curveball": (54, 28, 24), "lbfgs": (11, 9, 33), "nlcg": (6, 6, 31),
+}
+FACTORIES = {name: factory for name, factory, _, _ in CASES}
+QUADRATIC_TOL = {torch.float64: 1e-5, torch.float32: 1e-3}  # max |w - w*|; L-BFGS's default tolerances stop near 1e-6
+
+
+def budget(measured: int) -> int:
+    return int(1.25 * measured) + 2
+
+
+def least_squares(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """min_w (1/m) |X w - y|^2 with y = X w*: the minimiser w* is known exactly (Hessian condition number ~10)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 0.5, 6, dtype=torch.float64))
+    w_star = torch.randn(1, 6, generator=g, dtype=torch.float64)
+    return x.to(dtype), (x @ w_star.T).to(dtype), w_star.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_reaches_the_minimiser_of_a_convex_quadratic(name, dtype):
+    x, y, w_star = least_squares(dtype)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1, bias=False).to(dtype)
+    opt = FACTORIES[name](model.parameters())
+    limit = budget(MEASURED[name][0 if dtype == torch.float64 else 1])
+    for step in range(limit + 1):
+        if (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype]:
+            break
+        opt.step(Objective(model, "mse", x, y))
+    else:
+        pytest.fail(f"{name} did not reach the minimiser within {limit} steps in {dtype}")
+    assert model.weight.dtype == dtype and step > 0
+
+
+@pytest.mark.parametrize("name", list(MEASURED))
+def test_reaches_rosenbrock_minimum_in_float32(name):
+    model = build_rosenbrock((1,), 2).float()
+    x, y = torch.ones(1, 1), torch.zeros(1, 2)
+    opt = FACTORIES[name](model.parameters())
+    limit = budget(MEASURED[name][2])
+    for step in range(limit + 1):
+        if (model.xy.detach() - 1).norm() < 1e-3:  # float32: 1e-3 (the float64 test asks 1e-4)
+            break
+        opt.step(Objective(model, "sse", x, y))
+    else:
+        pytest.fail(f"{name} did not reach (1, 1) within {limit} steps in float32")
+    assert model.xy.dtype == torch.float32 and step > 0
