@@ -36,6 +36,16 @@ class Case:
         return Case(self.name, copy.deepcopy(self.model).double(), self.x.double(), y, self.loss, torch.float64)
 
 
+def least_squares(n: int = 8, m: int = 30, seed: int = 0,
+                  dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
+    """Zero-residual linear least squares min_w (1/m) |X w - y|^2, y = X w*^T (a convex quadratic, Hessian condition
+    number ~10-20) with its minimiser w* (1, n) known exactly; made in float64, then cast to ``dtype``."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, n, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 0.5, n, dtype=torch.float64))
+    w_true = torch.randn(1, n, generator=g, dtype=torch.float64)
+    return x.to(dtype), (x @ w_true.T).to(dtype), w_true.to(dtype)
+
+
 def _mlp() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(12, 7), nn.Tanh(), nn.Linear(7, 4))

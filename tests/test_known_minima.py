@@ -8,6 +8,7 @@ start and tolerance, SGD+momentum 370, Adam 799, LM 16, BFGS 19, exact Hessian 1
 import pytest
 import torch
 
+from conftest import least_squares
 from models.problems import build_rosenbrock
 from optimizers import NLCG, SGD, Adam, HessianFree, LBFGS, Newton, Objective
 from optimizers.curveball import CurveBall
@@ -27,15 +28,22 @@ CASES = [
 ]
 
 
-def steps_to_minimum(factory, budget: int) -> int | None:
-    model = build_rosenbrock((1,), 2).double()
-    x, y = torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.float64)
+def steps_until(factory, model: torch.nn.Module, loss: str, x: torch.Tensor, y: torch.Tensor, reached,
+                limit: int) -> int | None:
+    """Steps of ``factory``'s optimiser on (model, loss, x, y) until ``reached()``, or None after ``limit`` steps."""
+    assert all(p.dtype == x.dtype for p in model.parameters())  # the dtype the test asks for
     opt = factory(model.parameters())
-    for step in range(budget + 1):
-        if (model.xy.detach() - 1).norm() < TOL:
+    for step in range(limit + 1):
+        if reached():
             return step
-        opt.step(Objective(model, "sse", x, y))
+        opt.step(Objective(model, loss, x, y))
     return None
+
+
+def steps_to_minimum(factory, budget: int, dtype: torch.dtype = torch.float64, tol: float = TOL) -> int | None:
+    model = build_rosenbrock((1,), 2).to(dtype)
+    x, y = torch.ones(1, 1, dtype=dtype), torch.zeros(1, 2, dtype=dtype)
+    return steps_until(factory, model, "sse", x, y, lambda: (model.xy.detach() - 1).norm() < tol, budget)
 
 
 @pytest.mark.parametrize("name,factory,measured,budget", CASES, ids=[c[0] for c in CASES])
@@ -59,41 +67,22 @@ def budget(measured: int) -> int:
     return int(1.25 * measured) + 2
 
 
-def least_squares(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """min_w (1/m) |X w - y|^2 with y = X w*: the minimiser w* is known exactly (Hessian condition number ~10)."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(32, 6, generator=g, dtype=torch.float64) @ torch.diag(torch.logspace(0, 0.5, 6, dtype=torch.float64))
-    w_star = torch.randn(1, 6, generator=g, dtype=torch.float64)
-    return x.to(dtype), (x @ w_star.T).to(dtype), w_star.to(dtype)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 @pytest.mark.parametrize("name", list(MEASURED))
 def test_reaches_the_minimiser_of_a_convex_quadratic(name, dtype):
-    x, y, w_star = least_squares(dtype)
+    x, y, w_star = least_squares(n=6, m=32, dtype=dtype)
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1, bias=False).to(dtype)
-    opt = FACTORIES[name](model.parameters())
     limit = budget(MEASURED[name][0 if dtype == torch.float64 else 1])
-    for step in range(limit + 1):
-        if (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype]:
-            break
-        opt.step(Objective(model, "mse", x, y))
-    else:
-        pytest.fail(f"{name} did not reach the minimiser within {limit} steps in {dtype}")
-    assert model.weight.dtype == dtype and step > 0
+    steps = steps_until(FACTORIES[name], model, "mse", x, y,
+                        lambda: (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype], limit)
+    assert steps is not None, f"{name} did not reach the minimiser within {limit} steps in {dtype}"
+    assert model.weight.dtype == dtype and steps > 0
 
 
 @pytest.mark.parametrize("name", list(MEASURED))
 def test_reaches_rosenbrock_minimum_in_float32(name):
-    model = build_rosenbrock((1,), 2).float()
-    x, y = torch.ones(1, 1), torch.zeros(1, 2)
-    opt = FACTORIES[name](model.parameters())
     limit = budget(MEASURED[name][2])
-    for step in range(limit + 1):
-        if (model.xy.detach() - 1).norm() < 1e-3:  # float32: 1e-3 (the float64 test asks 1e-4)
-            break
-        opt.step(Objective(model, "sse", x, y))
-    else:
-        pytest.fail(f"{name} did not reach (1, 1) within {limit} steps in float32")
-    assert model.xy.dtype == torch.float32 and step > 0
+    steps = steps_to_minimum(FACTORIES[name], limit, dtype=torch.float32, tol=1e-3)  # float64 asks 1e-4
+    assert steps is not None, f"{name} did not reach (1, 1) within {limit} steps in float32"
+    assert steps > 0

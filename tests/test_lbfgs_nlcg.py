@@ -7,6 +7,7 @@ import scipy.optimize
 import torch
 from torch import nn
 
+from conftest import least_squares
 from models.problems import Rosenbrock
 from optimizers.gradcheck import finite_difference_check
 from optimizers.objective import Objective
@@ -47,14 +48,6 @@ def point_set(n: int = 80) -> tuple[torch.Tensor, torch.Tensor]:
     y = torch.arange(n) % 2
     x = torch.randn(n, 2, generator=g) + 1.2 * (2.0 * y[:, None] - 1.0)
     return x, y
-
-
-def least_squares(n: int = 8, m: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Zero-residual linear least squares (a convex quadratic, Hessian condition number ~20) with known minimiser."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, n, generator=g) @ torch.diag(torch.logspace(0, 0.5, n))
-    w_true = torch.randn(1, n, generator=g)
-    return x, x @ w_true.T, w_true
 
 
 def small_net(dropout: float = 0.0, batch_norm: bool = False) -> nn.Module:
