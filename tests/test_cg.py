@@ -67,9 +67,10 @@ def test_preconditioned_solve_is_exact_and_undoes_bad_scaling():
     for result in (pre, jacobi):
         assert result.stop_reason == "tolerance"
         assert rel_err(result.x, ref) < 1e-10
-    # PCG with M = D^2 on D S D is CG on S: at most n steps in exact arithmetic (+ slack for rounding); without the
+    # PCG with M = D^2 on D S D is CG on S: at most n steps in exact arithmetic (+ 10 % slack for rounding, whose
+    # size depends on the CPU's BLAS kernels: 53 steps on one AVX2 machine, 54 on an AVX-512 one); without the
     # preconditioner the condition number is ~1e11 and CG needs many times n.
-    assert pre.iterations <= N + 3
+    assert pre.iterations <= N + N // 10
     assert plain.iterations > 5 * N
 
 
