@@ -2,7 +2,7 @@
 
 A builder is a function ``build_<name>(root, download=False, *, <options>) -> Splits`` whose options are typed
 keyword arguments: the runner checks the keys and types of the ``dataset`` group against the annotations
-(``optimizers.checks.check_call``) before it calls the builder, and the builder checks value ranges with the same
+(``validation.checks.check_call``) before it calls the builder, and the builder checks value ranges with the same
 shared checks (``dataset.num_test=0 must be an integer >= 1.``). Small datasets come back as ``TensorPairDataset``
 (two tensors, batched by index in ``data.batching``); large ones as ordinary torch datasets that go through a
 ``DataLoader``.

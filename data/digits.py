@@ -10,7 +10,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from data.base import Splits, TensorPairDataset
-from optimizers.checks import fail, nonnegative_int, positive_int
+from validation.checks import fail, nonnegative_int, positive_int
 
 
 def build_digits(

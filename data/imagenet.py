@@ -15,7 +15,7 @@ import os
 from torchvision import datasets, transforms
 
 from data.base import Splits, missing_files_error, resolve_root
-from optimizers.checks import positive_int
+from validation.checks import positive_int
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EXPECTED_TREE = (

@@ -11,7 +11,7 @@ import math
 import torch
 
 from data.base import Splits, TensorPairDataset
-from optimizers.checks import fail, finite, nonnegative, nonnegative_int, positive_int
+from validation.checks import fail, finite, nonnegative, nonnegative_int, positive_int
 
 DTYPE = torch.float64
 

@@ -14,7 +14,7 @@ from torchvision import datasets, transforms
 
 from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
 from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file
-from optimizers.checks import boolean, fail, optional, positive_int
+from validation.checks import boolean, fail, optional, positive_int
 
 MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
 

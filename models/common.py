@@ -3,7 +3,7 @@
 Every builder has the signature ``build_<x>(input_shape, num_outputs, **options) -> nn.Module``; the
 dataset supplies ``input_shape`` (without the batch dimension) and ``num_outputs``. The options are typed
 keyword arguments: the runner checks the keys and types of the ``model`` group against the annotations
-(``optimizers.checks.check_call``) before it calls the builder, and the builder checks value ranges with the
+(``validation.checks.check_call``) before it calls the builder, and the builder checks value ranges with the
 same shared checks, naming the key as typed (``model.hidden[0]=0 must be an integer >= 1.``). The helpers
 below turn an impossible model/dataset combination into a readable ``ValueError`` before torch can fail on
 shapes.
@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from torch import nn
 
-from optimizers.checks import OptionError, one_of, positive_int
+from validation.checks import OptionError, one_of, positive_int
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, flat_size, make_activation
-from optimizers.checks import boolean, positive_int, sequence_of
+from validation.checks import boolean, positive_int, sequence_of
 
 
 class MLP(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from models.common import as_shape, check_num_outputs, flat_size
-from optimizers.checks import finite, optional, positive_int, sequence_of
+from validation.checks import finite, optional, positive_int, sequence_of
 
 # [Seed003-Henriques2019] does not state its starting point; we use the classic one of [Rosenbrock1960], also the
 # standard start of Moré, Garbow & Hillstrom 1981, Testing unconstrained optimization software [More1981], problem 1.

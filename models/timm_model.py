@@ -10,7 +10,7 @@ import timm
 from torch import nn
 
 from models.common import check_num_outputs, disable_inplace, require_image
-from optimizers.checks import fail
+from validation.checks import fail
 
 
 def build_timm(input_shape: Sequence[int], num_outputs: int, name: str, **kwargs: Any) -> nn.Module:

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from models.common import check_num_outputs, require_image
-from optimizers.checks import boolean, in_range
+from validation.checks import boolean, in_range
 
 FC_WIDTH = 4096
 

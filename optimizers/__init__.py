@@ -11,7 +11,7 @@ Every method's hyperparameters are a frozen dataclass, ``Method.Options`` (e.g. 
 """
 from optimizers.base import Optimizer, OptimizerOptions
 from optimizers.cg import CGResult, pcg
-from optimizers.checks import OptionError
+from validation.checks import OptionError
 from optimizers.curveball import CurveBall
 from optimizers.first_order import SGD, Adam
 from optimizers.gd import GradientDescent

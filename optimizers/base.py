@@ -11,7 +11,7 @@ products.
 
 A method is a subclass with
 
-* ``Options``: a frozen dataclass of its hyperparameters (``optimizers.checks.Options``), validated once;
+* ``Options``: a frozen dataclass of its hyperparameters (``validation.checks.Options``), validated once;
 * ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below);
 * ``state_dict``/``load_state_dict`` for the state that changes from step to step.
 
@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from optimizers.checks import Options, nonnegative, option
+from validation.checks import Options, nonnegative, option
 from optimizers.objective import Objective
 from optimizers.weight_decay import WeightDecayed
 

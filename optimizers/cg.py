@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import OptimizerOptions
-from optimizers.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
+from validation.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
 
 STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature", "breakdown")
 NEGATIVE_CURVATURE = ("stop", "continue")

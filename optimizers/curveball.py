@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from optimizers.backends import auto_jacobian_backend, has_batch_norm
 from optimizers.base import Optimizer, OptimizerOptions, as_tensor_like
-from optimizers.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
+from validation.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
 from optimizers.objective import CURVATURES, Objective
 
 GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright 2006, Numerical Optimization, p. 69)

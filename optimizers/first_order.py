@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from optimizers.base import Optimizer, OptimizerOptions
-from optimizers.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive, sequence_of
+from validation.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive, sequence_of
 from optimizers.objective import Objective
 from optimizers.schedules import SCHEDULES, make_schedule
 

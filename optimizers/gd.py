@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from optimizers.base import Optimizer
-from optimizers.checks import one_of, option, positive
+from validation.checks import one_of, option, positive
 from optimizers.line_search import LineSearchOptions, armijo_with
 from optimizers.objective import Objective
 

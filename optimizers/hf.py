@@ -33,7 +33,7 @@ from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
 from optimizers.cg import CGOptions, CGResult, cg_backtrack, pcg
-from optimizers.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive
+from validation.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive
 from optimizers.line_search import LineSearchOptions, armijo_with
 from optimizers.objective import CURVATURES, Objective
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer, OptimizerOptions, clone_state
-from optimizers.checks import nonnegative, one_of, option, optional, positive, positive_int
+from validation.checks import nonnegative, one_of, option, optional, positive, positive_int
 from optimizers.objective import Objective
 from optimizers.vec import unflatten
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import OptimizerOptions
-from optimizers.checks import in_range, option, positive, positive_int
+from validation.checks import in_range, option, positive, positive_int
 from optimizers.objective import Objective
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from optimizers import checks
+from validation import checks
 from optimizers.losses import Loss
 from optimizers.objective import Objective, _distributed, weighted_all_reduce
 from optimizers.vec import add_to_params

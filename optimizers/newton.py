@@ -29,8 +29,8 @@ from torch import Tensor
 
 from optimizers.base import Optimizer
 from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, pcg
-from optimizers.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
-from optimizers.checks import positive, positive_int
+from validation.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
+from validation.checks import positive, positive_int
 from optimizers.gd import StepSizeOptions, step_rate
 from optimizers.objective import Objective
 from optimizers.vec import params_vector

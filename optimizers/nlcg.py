@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim.lbfgs import _strong_wolfe
 
 from optimizers.base import Optimizer, clone_state
-from optimizers.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
+from validation.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
 from optimizers.line_search import LineSearchOptions, armijo_with
 from optimizers.objective import Objective
 

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from optimizers import checks
+from validation import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
                                  TangentFreeInputs, auto_jacobian_backend, flat_or_zero, vjp)
 from optimizers.losses import Loss, get_loss

@@ -38,7 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
-from optimizers.checks import OptionError, boolean, check_call, fail, one_of, option
+from validation.checks import OptionError, boolean, check_call, fail, one_of, option
 from optimizers.first_order import ScheduleOptions
 from optimizers.schedules import Scheduled
 from optimizers.vec import unflatten

@@ -37,7 +37,7 @@ from torch.utils.data import Dataset
 from data.base import TensorPairDataset
 from data.batching import shard_bounds
 from optimizers import diagnostics as diag
-from optimizers.checks import (Options, boolean, fail, nonnegative_int, one_of, optional, option, positive_int,
+from validation.checks import (Options, boolean, fail, nonnegative_int, one_of, optional, option, positive_int,
                                sequence_of)
 from optimizers.diagnostics.results import Record
 from optimizers.objective import Objective

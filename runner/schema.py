@@ -24,7 +24,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from optimizers.checks import finite
+from validation.checks import finite
 from runner.errors import unknown_key_message
 
 

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from data.batching import make_batches
-from optimizers.checks import check_call, positive_int
+from validation.checks import check_call, positive_int
 from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.objective import Objective

@@ -24,7 +24,7 @@ from data.digits import build_digits
 from data.imagenet import build_imagenet
 from data.synthetic import build_logreg2d, build_rahimi_recht, build_rosenbrock, build_sine, rahimi_recht_matrix
 from data.vision import build_cifar10, build_cifar100, build_fashion_mnist, build_mnist
-from optimizers.checks import OptionError, check_call
+from validation.checks import OptionError, check_call
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"
 DATA_ROOT = os.environ.get("CURVLAB_DATA")
@@ -69,7 +69,7 @@ def test_missing_files_error(tmp_path, build, name, folder):
 
 
 def test_unknown_option_and_wrong_type_are_named_from_the_signature():
-    """What the runner checks before it calls a builder (optimizers.checks.check_call on its annotations)."""
+    """What the runner checks before it calls a builder (validation.checks.check_call on its annotations)."""
     valid = "Valid keys: root, download, num_samples, num_test, noise, seed."
     with pytest.raises(OptionError, match=rf"^dataset\.colour is not an option of dataset 'build_sine'\. {valid}$"):
         check_call("dataset", build_sine, {"colour": "red"})

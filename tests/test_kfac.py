@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import grad, jacrev, vmap
 
-from optimizers.checks import OptionError
+from validation.checks import OptionError
 from optimizers.first_order import SGD
 from optimizers.kfac import KFAC
 from optimizers.kfac.factors import Capture, batch_factors, covered_layers

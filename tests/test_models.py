@@ -22,7 +22,7 @@ from models.resnet import build_resnet18
 from models.simple_cnn import SAME_PAD_4x4, build_simple_cnn
 from models.timm_model import build_timm
 from models.vgg import build_vgg_f, min_input_size
-from optimizers.checks import OptionError, check_call
+from validation.checks import OptionError, check_call
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 

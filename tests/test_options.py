@@ -17,7 +17,8 @@ from hydra.utils import get_class, instantiate
 from torch import nn
 
 from optimizers import (KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
-                        TorchOptim, checks)
+                        TorchOptim)
+from validation import checks
 from runner.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -27,7 +27,7 @@ import torch        # imported here, the first run of this process ends with the
 from omegaconf import OmegaConf
 
 from oracles import dense_hessian
-from optimizers.checks import OptionError
+from validation.checks import OptionError
 from runner.checkpoint import load_checkpoint
 from runner.diagnostics import FILE, DiagnosticsOptions
 from runner.errors import describe_user_error

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from optimizers.checks import OptionError
+from validation.checks import OptionError
 from optimizers.first_order import SGD
 from optimizers.objective import Objective
 from optimizers.torch_optim import TorchOptim

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import Tensor
 
-from optimizers.checks import OptionError
+from validation.checks import OptionError
 from optimizers.losses import CrossEntropy, Loss, SquaredError
 
 FISHER_TYPES = ("sampled", "empirical", "ggn", "exact")

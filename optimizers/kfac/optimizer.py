@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer
-from optimizers.checks import OptionError, in_range, one_of, option, optional, positive, positive_int
+from validation.checks import OptionError, in_range, one_of, option, optional, positive, positive_int
 from optimizers.kfac.factors import Capture, Layer, batch_factors, covered_layers
 from optimizers.kfac.fisher import FISHER_TYPES, hessian_sqrt_signals, sampled_signal
 from optimizers.kfac.preconditioner import DAMPING_MODES, KroneckerBlock
