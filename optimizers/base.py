@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from validation.checks import Options, nonnegative, option
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 from optimizers.weight_decay import WeightDecayed
 
 
@@ -56,7 +56,7 @@ class Optimizer:
     def configure(self, *, total_steps: int | None = None) -> None:
         """Told by the runner before training how many steps it will take (schedules use it)."""
 
-    def step(self, objective: Objective) -> dict[str, Any]:
+    def step(self, objective: ObjectiveLike) -> dict[str, Any]:
         """One update on ``objective``'s batch; returns the step's statistics."""
         if objective.numel != self.numel:
             raise ValueError(f"{type(self).__name__} was built with {self.numel} trainable parameters but the "
@@ -72,7 +72,7 @@ class Optimizer:
 
     decays_through_objective: bool = True  # False for methods with their own (decoupled) decay, e.g. AdamW
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
