@@ -58,6 +58,9 @@ class ObjectiveLike(Protocol):
     def curvature_batch_size(self) -> int | None: ...  # None: products on the whole batch
 
     @property
+    def micro_batch_size(self) -> int | None: ...  # None: one forward pass over the whole batch
+
+    @property
     def l2(self) -> float: ...  # eta of the weight decay in this objective (0: none)
 
     # ---------------------------------------------------------------- loss and gradient

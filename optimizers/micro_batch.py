@@ -94,6 +94,8 @@ class MicroBatchedObjective:
 
     def gradient(self, curvature: Curvature | None = None) -> Tensor:
         """The gradient (the loss comes from the same pieces' forward passes and is cached too)."""
+        if curvature is not None:
+            checked_curvature(curvature)
         def piece(part: Objective) -> tuple[Tensor, Tensor]:
             gradient = part.gradient(curvature)  # first: it may run the forward pass its products need
             return part.loss(), gradient

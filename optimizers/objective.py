@@ -55,6 +55,7 @@ class Objective:
     (implements ``optimizers.interface.ObjectiveLike``)."""
 
     l2 = 0.0  # weight decay eta; see optimizers.weight_decay.WeightDecayed
+    micro_batch_size = None  # one forward pass over the whole batch (optimizers.micro_batch splits it)
     local = False  # True: never all-reduce (a piece of a MicroBatchedObjective, which reduces the sum once)
 
     def __init__(self, model: nn.Module, loss_fn: Loss | str, inputs: Tensor, targets: Tensor, *,
@@ -161,9 +162,11 @@ class Objective:
         then comes out of the backward that sets up their backend where it can (double-backward backends on the
         whole batch), so a method pays one backward for both.
         """
+        if curvature is not None:
+            checked_curvature(curvature)
         self._forward()
         if self._grad is None and curvature is not None and self._curvature_on_whole_batch:
-            backend = self._jacobian() if checked_curvature(curvature) == "ggn" else self._hessian()
+            backend = self._jacobian() if curvature == "ggn" else self._hessian()
             if backend.gradient is not None:
                 self._grad = self.reduce(backend.gradient)
         if self._grad is None:

@@ -69,6 +69,10 @@ class WeightDecayed:
     def curvature_batch_size(self) -> int | None:
         return self.inner.curvature_batch_size
 
+    @property
+    def micro_batch_size(self) -> int | None:
+        return self.inner.micro_batch_size
+
     # ---------------------------------------------------------------- loss and gradient: F's
     def loss(self) -> Tensor:
         self._data_loss = self.inner.loss()

@@ -119,6 +119,10 @@ class KFAC(Scheduled, Optimizer):
     # ------------------------------------------------------------------ factors
     def _gradient_and_factors(self, objective: ObjectiveLike, layers: dict[str, Layer]) -> tuple[Tensor, float]:
         """The loss (gradient in p.grad) and the factor update; returns the loss and the time spent on factors."""
+        if objective.micro_batch_size is not None:
+            raise OptionError("optimizer=kfac reads its factors from one forward and backward pass over the whole "
+                              "batch: objective.micro_batch_size must be null (for less memory, lower "
+                              "trainer.batch_size).")
         kind = self.options.fisher
         clock = _Clock(self.params[0].device)
         with Capture(objective.model, layers) as capture:
