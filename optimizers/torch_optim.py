@@ -161,11 +161,11 @@ class TorchAdapter(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.
-        return {"steps": self.steps, "inner": clone_state(self.inner.state_dict())}
+        return {"steps": self.steps, "inner": _dtypes_named(clone_state(self.inner.state_dict()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.inner.load_state_dict(clone_state(state["inner"]))
+        self.inner.load_state_dict(_dtypes_named(clone_state(state["inner"]), restore=True))
 
 
 class TorchOptim(Scheduled, TorchAdapter):
@@ -186,6 +186,26 @@ class TorchOptim(Scheduled, TorchAdapter):
 
     def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
         return self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+
+
+def _dtypes_named(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:
+    """The param groups' torch.dtype values (pytorch_optimizer.Kron's precondition_dtype) as their names
+    ("torch.float32"), which a checkpoint loaded with weights_only=True can hold; ``restore``: names back to dtypes."""
+    if "param_groups" not in state:
+        return state
+    convert = _dtype_of if restore else _dtype_name
+    return {**state, "param_groups": [{k: convert(v) for k, v in group.items()} for group in state["param_groups"]]}
+
+
+def _dtype_name(value: Any) -> Any:
+    return str(value) if isinstance(value, torch.dtype) else value
+
+
+def _dtype_of(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        return dtype if isinstance(dtype, torch.dtype) else value
+    return value
 
 
 def auto_backward(cls: type) -> str:
