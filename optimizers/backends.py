@@ -22,6 +22,7 @@ Hessian backends (``objective.hvp_backend``):
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -65,7 +66,7 @@ class JacobianBackend(Backend):
         raise NotImplementedError
 
 
-def vjp(batch: CurvatureBatch, params: list[Tensor], w: Tensor) -> Tensor:
+def vjp(batch: CurvatureBatch, params: Sequence[Tensor], w: Tensor) -> Tensor:
     """J^T w, flat (P,), for an output-shaped w (B, o): one backward through the batch's forward graph."""
     return flat_or_zero(torch.autograd.grad(batch.outputs, params, w, retain_graph=True, allow_unused=True), params)
 
@@ -216,6 +217,6 @@ class TangentFreeInputs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def flat_or_zero(grads: tuple, params: list[Tensor]) -> Tensor:
+def flat_or_zero(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """``autograd.grad`` results as one flat vector, zeros for parameters the output does not depend on."""
     return flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])

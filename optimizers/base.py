@@ -12,7 +12,8 @@ products.
 A method is a subclass with
 
 * ``Options``: a frozen dataclass of its hyperparameters (``validation.checks.Options``), validated once;
-* ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below);
+* ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below); what a
+  method may ask of it is ``ObjectiveLike`` (optimizers/interface.py);
 * ``state_dict``/``load_state_dict`` for the state that changes from step to step.
 
 Weight decay is one mechanism for every method: with ``weight_decay = eta > 0`` the base class hands ``update`` a
@@ -63,10 +64,12 @@ class Optimizer:
                              f"objective's model has {objective.numel}: pass all of the model's trainable parameters "
                              "to the optimiser.")
         eta = self.options.weight_decay
-        f = WeightDecayed(objective, eta) if eta and self.decays_through_objective else objective
-        stats = self.update(f)
-        if f is not objective:
-            stats["loss"] = f.data_loss_at_start()
+        if eta and self.decays_through_objective:
+            decayed = WeightDecayed(objective, eta)
+            stats = self.update(decayed)
+            stats["loss"] = decayed.data_loss_at_start()
+        else:
+            stats = self.update(objective)
         self.steps += 1
         return stats
 

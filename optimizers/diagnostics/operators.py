@@ -13,7 +13,7 @@ synchronised, which diagnostics can afford and training steps do not pay).
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
@@ -91,5 +91,5 @@ Source = ObjectiveLike | LinearOperator  # what the estimators take: an objectiv
 def as_operator(source: Source, curvature: Curvature = "hessian") -> LinearOperator:
     """``source`` itself when it is already an operator (has ``matvec``), else ``CurvatureOperator(source, ...)``."""
     if hasattr(source, "matvec"):
-        return source
-    return CurvatureOperator(source, curvature)
+        return cast(LinearOperator, source)
+    return CurvatureOperator(cast(ObjectiveLike, source), curvature)

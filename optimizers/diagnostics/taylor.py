@@ -23,7 +23,7 @@ from torch import Tensor
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.operators import CurvatureOperator
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
-from optimizers.interface import ObjectiveLike
+from optimizers.interface import Curvature, ObjectiveLike
 
 
 @dataclass
@@ -62,7 +62,7 @@ def fit_slopes(distances: Tensor, remainders: Tensor, floor: float) -> tuple[Ten
 
 
 def taylor_test(objective: ObjectiveLike, direction: Tensor | None = None, distances: Tensor | None = None,
-                curvature: str = "hessian", seed: int = 0) -> TaylorTest:
+                curvature: Curvature = "hessian", seed: int = 0) -> TaylorTest:
     """Seed 000's Taylor test along ``direction`` (normalised to unit length; default a random unit vector from
     ``seed``) at ``distances`` (default 1e-1 ... 1e-6). Cost: one gradient, one product, len(distances) + 1 losses."""
     op = CurvatureOperator(objective, curvature)
