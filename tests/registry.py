@@ -66,7 +66,7 @@ class Method:
     minima: Minima
     ridge: tuple[dict[str, Any], int]  # options and steps that reach the ridge minimiser under weight decay
     resume: Resume = Resume()
-    # options on the small MLPs of the equivalence tests (data-parallel, micro-batches): variant -> options, "" the first
+    # options on the small MLPs of the equivalence tests (data-parallel, micro-batches): variant -> options ("": plain)
     equivalence: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
 
 
