@@ -25,7 +25,9 @@ tests/test_micro_batch.py          ``Method.equivalence``: micro-batches take th
                                    refuses them naming objective.micro_batch_size (K-FAC)
 =================================  ===================================================================================
 
-Options given here are applied on top of the yaml choice, as command-line overrides would be.
+Options given here are applied on top of the yaml choice, as command-line overrides would be. No flag says whether a
+method is first-order or draws random numbers in its steps (K-FAC's sampled Fisher, PSGD, Hutchinson probes): the
+tests that compare two runs give both the same random state, and every method meets every test.
 """
 from __future__ import annotations
 
