@@ -8,6 +8,8 @@ Usable without the runner::
         stats = opt.step(Objective(model, "cross_entropy", x, y))
 
 Every method's hyperparameters are a frozen dataclass, ``Method.Options`` (e.g. ``help(HessianFree.Options)``).
+What a method may ask of its objective is ``ObjectiveLike`` (optimizers/interface.py); ``Objective``,
+``MicroBatchedObjective`` and the weight-decay wrapper ``WeightDecayed`` implement it.
 """
 from optimizers.base import Optimizer, OptimizerOptions
 from optimizers.cg import CGResult, pcg
@@ -17,17 +19,20 @@ from optimizers.first_order import SGD, Adam
 from optimizers.gd import GradientDescent
 from optimizers.gradcheck import finite_difference_check
 from optimizers.hf import HessianFree
+from optimizers.interface import Curvature, ObjectiveLike
 from optimizers.kfac import KFAC
 from optimizers.lbfgs import LBFGS
 from optimizers.losses import CrossEntropy, Loss, SquaredError, get_loss
+from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.newton import Newton
 from optimizers.nlcg import NLCG
 from optimizers.objective import Objective
-from optimizers.torch_optim import TorchOptim
+from optimizers.torch_optim import TorchAdapter, TorchOptim
 from optimizers.weight_decay import WeightDecayed
 
 __all__ = [
-    "Optimizer", "OptimizerOptions", "OptionError", "Objective", "WeightDecayed", "Loss", "CrossEntropy",
-    "SquaredError", "get_loss", "pcg", "CGResult", "SGD", "Adam", "GradientDescent", "Newton", "HessianFree",
-    "CurveBall", "LBFGS", "NLCG", "KFAC", "TorchOptim", "finite_difference_check",
+    "Optimizer", "OptimizerOptions", "OptionError", "ObjectiveLike", "Curvature", "Objective", "MicroBatchedObjective",
+    "WeightDecayed", "Loss", "CrossEntropy", "SquaredError", "get_loss", "pcg", "CGResult", "SGD", "Adam",
+    "GradientDescent", "Newton", "HessianFree", "CurveBall", "LBFGS", "NLCG", "KFAC", "TorchAdapter", "TorchOptim",
+    "finite_difference_check",
 ]

@@ -6,7 +6,9 @@ G v = J^T (H_L (J v)) (Schraudolph 2002, "Fast curvature matrix-vector products 
 and the Hessian product on top of any Hessian backend (Pearlmutter 1994, "Fast exact multiplication by the Hessian").
 
 A backend is built once per curvature batch (its set-up) and then serves every product of that batch (a CG solve
-reuses it). Each backend is one small class; adding one is a class plus a line in its registry.
+reuses it). It sees the network only as ``net``, a ``FunctionalModel`` (optimizers.functional: f(w; x) with the
+batch's dropout masks, the parameters and their names, the loss), and the batch; never the Objective. Each backend is
+one small class; adding one is a class plus a line in its registry.
 
 Jacobian backends (``objective.ggn_backend``):
   double_backward  J^T u is built once with ``create_graph`` (u a leaf); J v = d<J^T u, v>/du is one backward through
@@ -20,7 +22,8 @@ Hessian backends (``objective.hvp_backend``):
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwad
@@ -28,10 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from optimizers.functional import FunctionalModel
 from optimizers.vec import flatten, unflatten
-
-if TYPE_CHECKING:
-    from optimizers.objective import Objective
 
 
 class CurvatureBatch:
@@ -42,26 +43,30 @@ class CurvatureBatch:
         self.inputs, self.targets = inputs, targets      # (B, ...), (B,) or (B, o)
         self.outputs, self.loss = outputs, loss          # f (B, o) and the batch-mean loss, with their graphs
         self.shared = shared                              # True: the same batch as the gradient's
-        self.backends: dict[str, Any] = {}                # name -> backend built on this batch
+        self.backends: dict[str, Backend] = {}            # name -> backend built on this batch
 
 
-# ---------------------------------------------------------------------------------------------- Jacobian backends
-class JacobianBackend:
-    """J v on one curvature batch (J^T w needs no backend: it is a backward through the batch's forward graph,
-    ``vjp``). Subclasses implement ``jvp``; ``gradient`` is the batch gradient when the set-up computed it for free
-    (else None)."""
+class Backend:
+    """Built once on a curvature batch from the batch's function ``net``; ``gradient`` is the batch gradient when the
+    set-up computed it for free (else None)."""
 
     name: ClassVar[str]
     gradient: Tensor | None = None
 
-    def __init__(self, objective: Objective, batch: CurvatureBatch):
-        self.objective, self.batch = objective, batch
+    def __init__(self, net: FunctionalModel, batch: CurvatureBatch):
+        self.net, self.batch = net, batch
+
+
+# ---------------------------------------------------------------------------------------------- Jacobian backends
+class JacobianBackend(Backend):
+    """J v on one curvature batch (J^T w needs no backend: it is a backward through the batch's forward graph,
+    ``vjp``). Subclasses implement ``jvp``."""
 
     def jvp(self, v: Tensor) -> Tensor:  # v flat (P,) -> J v (B, o)
         raise NotImplementedError
 
 
-def vjp(batch: CurvatureBatch, params: list[Tensor], w: Tensor) -> Tensor:
+def vjp(batch: CurvatureBatch, params: Sequence[Tensor], w: Tensor) -> Tensor:
     """J^T w, flat (P,), for an output-shaped w (B, o): one backward through the batch's forward graph."""
     return flat_or_zero(torch.autograd.grad(batch.outputs, params, w, retain_graph=True, allow_unused=True), params)
 
@@ -71,9 +76,9 @@ class DoubleBackward(JacobianBackend):
 
     name = "double_backward"
 
-    def __init__(self, objective: Objective, batch: CurvatureBatch, u: Tensor | None = None):
-        super().__init__(objective, batch)
-        loss_fn, params = objective.loss_fn, objective.params
+    def __init__(self, net: FunctionalModel, batch: CurvatureBatch, u: Tensor | None = None):
+        super().__init__(net, batch)
+        loss_fn, params = net.loss_fn, net.params
         from_gradient = u is None
         self.u = (loss_fn.output_grad(batch.outputs, batch.targets) if from_gradient else u).detach().requires_grad_()
         with torch.enable_grad():
@@ -87,7 +92,7 @@ class DoubleBackward(JacobianBackend):
     def jvp(self, v: Tensor) -> Tensor:
         jv = None
         if self.used:
-            vs = unflatten(v, self.objective.params)
+            vs = unflatten(v, self.net.params)
             (jv,) = torch.autograd.grad(self.graph, self.u, [vs[i] for i in self.used], retain_graph=True,
                                         allow_unused=True)
         return jv if jv is not None else torch.zeros_like(self.u, dtype=v.dtype)
@@ -98,14 +103,14 @@ class Linearize(JacobianBackend):
 
     name = "linearize"
 
-    def __init__(self, objective: Objective, batch: CurvatureBatch):
-        super().__init__(objective, batch)
-        primals = dict(zip(objective.names, (p.detach() for p in objective.params)))
-        with objective.replay_rng():
-            _, self.linear = torch.func.linearize(lambda p: objective.call_with(p, batch.inputs), primals)
+    def __init__(self, net: FunctionalModel, batch: CurvatureBatch):
+        super().__init__(net, batch)
+        primals = net.by_name([p.detach() for p in net.params])
+        with net.replay_rng():
+            _, self.linear = torch.func.linearize(lambda p: net(p, batch.inputs), primals)
 
     def jvp(self, v: Tensor) -> Tensor:
-        return self.linear(dict(zip(self.objective.names, unflatten(v, self.objective.params))))
+        return self.linear(self.net.by_name(unflatten(v, self.net.params)))
 
 
 class ForwardAD(JacobianBackend):
@@ -114,21 +119,15 @@ class ForwardAD(JacobianBackend):
     name = "forward_ad"
 
     def jvp(self, v: Tensor) -> Tensor:
-        obj = self.objective
-        with torch.no_grad(), obj.replay_rng(), fwad.dual_level(), TangentFreeInputs():
-            dual = {n: fwad.make_dual(p.detach(), t) for n, p, t in zip(obj.names, obj.params, unflatten(v, obj.params))}
-            return fwad.unpack_dual(obj.call_with(dual, self.batch.inputs)).tangent
+        net = self.net
+        with torch.no_grad(), net.replay_rng(), fwad.dual_level(), TangentFreeInputs():
+            dual = net.by_name([fwad.make_dual(p.detach(), t) for p, t in zip(net.params, unflatten(v, net.params))])
+            return fwad.unpack_dual(net(dual, self.batch.inputs)).tangent
 
 
 # ---------------------------------------------------------------------------------------------- Hessian backends
-class HessianBackend:
-    """H v on one curvature batch; ``gradient`` as for Jacobian backends."""
-
-    name: ClassVar[str]
-    gradient: Tensor | None = None
-
-    def __init__(self, objective: Objective, batch: CurvatureBatch):
-        self.objective, self.batch = objective, batch
+class HessianBackend(Backend):
+    """H v on one curvature batch. Subclasses implement ``hvp``."""
 
     def hvp(self, v: Tensor) -> Tensor:  # v flat (P,) -> H v flat (P,)
         raise NotImplementedError
@@ -139,9 +138,9 @@ class HessianDoubleBackward(HessianBackend):
 
     name = "double_backward"
 
-    def __init__(self, objective: Objective, batch: CurvatureBatch):
-        super().__init__(objective, batch)
-        params = objective.params
+    def __init__(self, net: FunctionalModel, batch: CurvatureBatch):
+        super().__init__(net, batch)
+        params = net.params
         with torch.enable_grad():
             g = torch.autograd.grad(batch.loss, params, create_graph=True, allow_unused=True)
         self.graph = [gi if gi is not None else torch.zeros_like(p) for gi, p in zip(g, params)]
@@ -149,7 +148,7 @@ class HessianDoubleBackward(HessianBackend):
             self.gradient = flatten([gi.detach() for gi in self.graph])
 
     def hvp(self, v: Tensor) -> Tensor:
-        params = self.objective.params
+        params = self.net.params
         hv = torch.autograd.grad(self.graph, params, unflatten(v, params), retain_graph=True, allow_unused=True)
         return flat_or_zero(hv, params)
 
@@ -160,15 +159,15 @@ class ForwardOverReverse(HessianBackend):
     name = "forward_over_reverse"
 
     def hvp(self, v: Tensor) -> Tensor:
-        obj, batch = self.objective, self.batch
+        net, batch = self.net, self.batch
 
         def grad_fn(p: dict[str, Tensor]) -> dict[str, Tensor]:
-            return torch.func.grad(lambda q: obj.loss_fn(obj.call_with(q, batch.inputs), batch.targets))(p)
+            return torch.func.grad(lambda q: net.loss_fn(net(q, batch.inputs), batch.targets))(p)
 
-        primals = dict(zip(obj.names, (p.detach() for p in obj.params)))
-        with obj.replay_rng():
-            _, hv = torch.func.jvp(grad_fn, (primals,), (dict(zip(obj.names, unflatten(v, obj.params))),))
-        return flatten([hv[n] for n in obj.names])
+        primals = net.by_name([p.detach() for p in net.params])
+        with net.replay_rng():
+            _, hv = torch.func.jvp(grad_fn, (primals,), (net.by_name(unflatten(v, net.params)),))
+        return flatten([hv[n] for n in net.names])
 
 
 JACOBIAN_BACKENDS: dict[str, type[JacobianBackend]] = {b.name: b for b in (DoubleBackward, Linearize, ForwardAD)}
@@ -218,6 +217,6 @@ class TangentFreeInputs(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def flat_or_zero(grads: tuple, params: list[Tensor]) -> Tensor:
+def flat_or_zero(grads: Sequence[Tensor | None], params: Sequence[Tensor]) -> Tensor:
     """``autograd.grad`` results as one flat vector, zeros for parameters the output does not depend on."""
     return flatten([g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)])

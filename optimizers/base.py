@@ -12,7 +12,8 @@ products.
 A method is a subclass with
 
 * ``Options``: a frozen dataclass of its hyperparameters (``validation.checks.Options``), validated once;
-* ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below);
+* ``update(objective) -> stats``: one step on the objective, which already includes weight decay (below); what a
+  method may ask of it is ``ObjectiveLike`` (optimizers/interface.py);
 * ``state_dict``/``load_state_dict`` for the state that changes from step to step.
 
 Weight decay is one mechanism for every method: with ``weight_decay = eta > 0`` the base class hands ``update`` a
@@ -29,7 +30,7 @@ import torch
 from torch import Tensor
 
 from validation.checks import Options, nonnegative, option
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 from optimizers.weight_decay import WeightDecayed
 
 
@@ -56,23 +57,25 @@ class Optimizer:
     def configure(self, *, total_steps: int | None = None) -> None:
         """Told by the runner before training how many steps it will take (schedules use it)."""
 
-    def step(self, objective: Objective) -> dict[str, Any]:
+    def step(self, objective: ObjectiveLike) -> dict[str, Any]:
         """One update on ``objective``'s batch; returns the step's statistics."""
         if objective.numel != self.numel:
             raise ValueError(f"{type(self).__name__} was built with {self.numel} trainable parameters but the "
                              f"objective's model has {objective.numel}: pass all of the model's trainable parameters "
                              "to the optimiser.")
         eta = self.options.weight_decay
-        f = WeightDecayed(objective, eta) if eta and self.decays_through_objective else objective
-        stats = self.update(f)
-        if f is not objective:
-            stats["loss"] = f.data_loss_at_start()
+        if eta and self.decays_through_objective:
+            decayed = WeightDecayed(objective, eta)
+            stats = self.update(decayed)
+            stats["loss"] = decayed.data_loss_at_start()
+        else:
+            stats = self.update(objective)
         self.steps += 1
         return stats
 
     decays_through_objective: bool = True  # False for methods with their own (decoupled) decay, e.g. AdamW
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:

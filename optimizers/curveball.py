@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from optimizers.backends import auto_jacobian_backend, has_batch_norm
 from optimizers.base import Optimizer, OptimizerOptions, as_tensor_like
 from validation.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
-from optimizers.objective import CURVATURES, Objective
+from optimizers.interface import CURVATURES, ObjectiveLike
 
 GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright 2006, Numerical Optimization, p. 69)
 
@@ -71,7 +71,7 @@ class QuadForms(NamedTuple):
     g_dz: Tensor    # grad^T dz
     g_z: Tensor     # grad^T z
 
-    def with_l2(self, objective: Objective, z: Tensor, dz: Tensor) -> QuadForms:
+    def with_l2(self, objective: ObjectiveLike, z: Tensor, dz: Tensor) -> QuadForms:
         """The forms of F = L + eta/2 |w|^2: C + eta I and grad + eta w (no-op without weight decay)."""
         eta, g = objective.l2, objective.l2_gradient()
         if g is None:
@@ -109,7 +109,7 @@ class CurveBall(Optimizer):
         self.damping: Tensor | None = None  # lambda, a 0-dim tensor so that rescaling needs no host sync
         self.fused = self.options.fast_path  # switched off if the model has an op without forward-mode AD
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         o = self.options
         if self.damping is None:
             self.damping = as_tensor_like(initial_lambda(objective.model) if o.damping is None else o.damping, self.z)
@@ -136,7 +136,7 @@ class CurveBall(Optimizer):
         stats.update({"z_norm": z_new.norm(), "dz_norm": dz.norm(), **objective.stats()})
         return stats
 
-    def _rescale_lambda(self, objective: Objective, a: RhoBetaSystem, rho: Tensor, beta: Tensor, step: Tensor,
+    def _rescale_lambda(self, objective: ObjectiveLike, a: RhoBetaSystem, rho: Tensor, beta: Tensor, step: Tensor,
                         loss: Tensor) -> dict[str, Tensor]:
         """Trust-region test (seed 003 sec. 3): gamma = actual / predicted loss change; gamma < 1/2 (the model
         over-promised) raises lambda, gamma > 3/2 lowers it; NaN compares false both ways and leaves it."""
@@ -151,7 +151,7 @@ class CurveBall(Optimizer):
         self.damping = torch.where(gamma < GAMMA_LOW, lam / omega, torch.where(gamma > GAMMA_HIGH, lam * omega, lam))
         return {"lambda_ratio": gamma, "model_change": predicted}
 
-    def _ggn_products(self, objective: Objective, lam: Tensor, need_forms: bool) -> tuple[Tensor, QuadForms | None]:
+    def _ggn_products(self, objective: ObjectiveLike, lam: Tensor, need_forms: bool) -> tuple[Tensor, QuadForms | None]:
         """dz = J^T (H_L J z + g_f) + lambda z (eq. 16-17, ONE backward), and the forms of eq. 18."""
         z, zero = self.z, self.z_is_zero
         jz = None if zero else self._jz(objective)
@@ -174,7 +174,7 @@ class CurveBall(Optimizer):
         # Output-space sums are over this process's batch: average them across data-parallel ranks in one reduction.
         return dz, QuadForms(*objective.reduce(outs)).with_l2(objective, z, dz)
 
-    def _jz(self, objective: Objective) -> Tensor:
+    def _jz(self, objective: ObjectiveLike) -> Tensor:
         """J z, fused into the batch's forward pass when possible."""
         if self.fused:
             try:
@@ -185,12 +185,12 @@ class CurveBall(Optimizer):
                 self.fused = False
         return objective.jvp(self.z)
 
-    def _jdz_method(self, objective: Objective) -> str:
+    def _jdz_method(self, objective: ObjectiveLike) -> str:
         if self.options.jdz_method != "auto":
             return self.options.jdz_method
         return auto_jacobian_backend(objective.model, jtu_graph_kept=True)
 
-    def _hessian_products(self, objective: Objective, lam: Tensor,
+    def _hessian_products(self, objective: ObjectiveLike, lam: Tensor,
                           need_forms: bool) -> tuple[Tensor, QuadForms | None]:
         """dz = H z + grad + lambda z with Pearlmutter products (a backward more than the GGN path). H is symmetric,
         so z'H dz = dz'(H z) reuses H z. With negative curvature A may be indefinite: the 2x2 solution is then a

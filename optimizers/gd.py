@@ -14,7 +14,7 @@ from typing import Any
 from optimizers.base import Optimizer
 from validation.checks import one_of, option, positive
 from optimizers.line_search import LineSearchOptions, armijo_with
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 
 STEP_SIZES = ("fixed", "armijo")
 
@@ -42,7 +42,7 @@ class GradientDescent(Optimizer):
 
     Options = GDOptions
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         loss = objective.loss()
         g = objective.gradient()
         stats: dict[str, Any] = {"loss": loss, "grad_norm": g.norm()}
@@ -54,7 +54,7 @@ class GradientDescent(Optimizer):
         return stats
 
 
-def step_rate(options: StepSizeOptions, objective: Objective, direction, *, loss, slope, stats: dict,
+def step_rate(options: StepSizeOptions, objective: ObjectiveLike, direction, *, loss, slope, stats: dict,
               fixed: float | None = None) -> float:
     """The step size along ``direction``: ``fixed`` (default ``options.lr``) or an Armijo search, whose outcome is
     recorded in ``stats``."""

@@ -35,7 +35,7 @@ from optimizers.base import Optimizer, clone_state
 from optimizers.cg import CGOptions, CGResult, cg_backtrack, pcg
 from validation.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive
 from optimizers.line_search import LineSearchOptions, armijo_with
-from optimizers.objective import CURVATURES, Objective
+from optimizers.interface import CURVATURES, ObjectiveLike
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ class HessianFree(Optimizer):
         self.damping = self.options.damping     # lambda, adapted every step
         self.warm_start: Tensor | None = None   # the previous CG solution (before backtracking), Martens sec. 4.5
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         o, lam = self.options, self.damping
         grad = objective.gradient(o.curvature)
         loss = objective.loss()
@@ -101,7 +101,7 @@ class HessianFree(Optimizer):
             objective.apply(p, alpha=o.lr * rate)
         return stats
 
-    def _solve(self, objective: Objective, grad: Tensor, lam: float) -> CGResult:
+    def _solve(self, objective: ObjectiveLike, grad: Tensor, lam: float) -> CGResult:
         """PCG on (C + lambda I) x = -g, preconditioned and warm-started (Martens 2010 sec. 4.5, 4.7)."""
         o = self.options
 
@@ -118,7 +118,7 @@ class HessianFree(Optimizer):
         self.warm_start = result.x
         return result
 
-    def _backtrack(self, objective: Objective, result: CGResult) -> tuple[int, Tensor, float, int]:
+    def _backtrack(self, objective: ObjectiveLike, result: CGResult) -> tuple[int, Tensor, float, int]:
         """The iterate to step along, its loss and the loss evaluations spent (Martens 2010 sec. 4.6)."""
         evals = 0
 
@@ -133,14 +133,14 @@ class HessianFree(Optimizer):
             cg_iter, p, f_p = result.iterations, result.x, loss_at(result.x)
         return cg_iter, p, float(f_p), evals
 
-    def _model_decrease(self, objective: Objective, grad: Tensor, p: Tensor, result: CGResult, cg_iter: int,
+    def _model_decrease(self, objective: ObjectiveLike, grad: Tensor, p: Tensor, result: CGResult, cg_iter: int,
                         lam: float) -> float:
         """The undamped quadratic model q(p) = g^T p + 1/2 p^T C p."""
         if self.options.exact_model:
             return float(grad.dot(p)) + 0.5 * float(p.dot(objective.curvature_vp(p, self.options.curvature)))
         return result.phis[cg_iter] - 0.5 * lam * float(p.dot(p))
 
-    def _step_size(self, objective: Objective, p: Tensor, *, f0: float, f_p: float, slope: float) -> tuple[float, int]:
+    def _step_size(self, objective: ObjectiveLike, p: Tensor, *, f0: float, f_p: float, slope: float) -> tuple[float, int]:
         """Rate a for the step lr * a * p and the loss evaluations it cost. 0 = stay (no descent or search failed)."""
         o = self.options
         if not slope < 0:                    # p is not a descent direction of F (or p = 0): no step

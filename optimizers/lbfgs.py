@@ -6,6 +6,8 @@ Seed 001 trains on batches held FIXED throughout training (sec. 3.3, eq. 28): re
 breaks the curvature pairs and makes the method stop early. Use it on a full batch or fixed batches. Every function
 evaluation inside a step is made on the step's batch with the forward pass's dropout masks and without touching
 batch-norm running statistics (``Objective.loss_and_gradient_at``), so the line search sees one deterministic function.
+L-BFGS is a configuration of the library's one torch.optim adapter (``optimizers.torch_optim.TorchAdapter``, closure
+mode) without a schedule: ``lr`` is the first trial step of each line search.
 """
 from __future__ import annotations
 
@@ -13,12 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
 
-from optimizers.base import Optimizer, OptimizerOptions, clone_state
+from optimizers.base import OptimizerOptions
+from optimizers.interface import ObjectiveLike
+from optimizers.torch_optim import TorchAdapter
 from validation.checks import nonnegative, one_of, option, optional, positive, positive_int
-from optimizers.objective import Objective
-from optimizers.vec import unflatten
 
 
 @dataclass(frozen=True)
@@ -34,9 +35,9 @@ class LBFGSOptions(OptimizerOptions):
     line_search: str = option("strong_wolfe", one_of("strong_wolfe", "none"))  # none: fixed steps of length lr
 
 
-class LBFGS(Optimizer):
-    """One ``step`` runs up to ``max_iter`` L-BFGS iterations on the objective's batch; the curvature pairs persist
-    across steps.
+class LBFGS(TorchAdapter):
+    """One ``step`` runs up to ``max_iter`` L-BFGS iterations on the objective's batch (``torch.optim.LBFGS`` through
+    the adapter's closure); the curvature pairs persist across steps.
 
     Statistics: ``loss`` (before), ``loss_after`` (the objective at the new parameters, same batch and masks),
     ``lbfgs/evals`` (function+gradient evaluations in this step), ``lbfgs/iters``, ``grad_norm`` (at the start).
@@ -44,48 +45,26 @@ class LBFGS(Optimizer):
 
     Options = LBFGSOptions
 
-    def __init__(self, params, **options: Any):
-        super().__init__(params, **options)
+    def torch_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
         o = self.options
         # torch's default budget (max_iter * 5/4 evaluations) leaves a one-iteration step no room for a line search:
         # allow up to 25 evaluations per iteration (torch's strong-Wolfe default max_ls).
-        self.inner = torch.optim.LBFGS(
-            self.params, lr=o.lr, max_iter=o.max_iter,
-            max_eval=25 * o.max_iter if o.ls_max_evals is None else o.ls_max_evals,
+        return torch.optim.LBFGS, dict(
+            max_iter=o.max_iter, max_eval=25 * o.max_iter if o.ls_max_evals is None else o.ls_max_evals,
             tolerance_grad=o.tolerance_grad, tolerance_change=o.tolerance_change, history_size=o.history_size,
             line_search_fn=None if o.line_search == "none" else o.line_search)
+
+    def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
+        return "closure"
 
     def _counters(self) -> tuple[int, int]:
         state = self.inner.state[self.inner.param_groups[0]["params"][0]]
         return state.get("func_evals", 0), state.get("n_iter", 0)
 
-    def update(self, objective: Objective) -> dict[str, Any]:
-        loss, grad = objective.loss(), objective.gradient()
-        calls = 0
-
-        def closure() -> Tensor:
-            # torch.optim.LBFGS moves the parameters in place between calls. The first call is at the step's start
-            # (the objective's cached forward); the others evaluate afresh at the moved parameters.
-            nonlocal calls
-            calls += 1
-            value, g = (loss, grad) if calls == 1 else objective.loss_and_gradient_at()
-            for p, gi in zip(objective.params, unflatten(g, objective.params)):
-                p.grad = gi
-            return value
-
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         evals0, iters0 = self._counters()
-        self.inner.step(closure)
+        loss, grad, _ = self.closure_step(objective)
         evals1, iters1 = self._counters()
         loss_after = objective.loss_at(torch.zeros_like(grad))  # same batch and masks, BN statistics untouched
-        for p in objective.params:
-            p.grad = None
         return {"loss": loss, "loss_after": loss_after, "lbfgs/evals": evals1 - evals0,
                 "lbfgs/iters": iters1 - iters0, "grad_norm": grad.norm(), **objective.stats()}
-
-    def state_dict(self) -> dict[str, Any]:
-        # torch's state dict holds the live history buffers (updated in place): copy them.
-        return {"steps": self.steps, "inner": clone_state(self.inner.state_dict())}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        self.inner.load_state_dict(clone_state(state["inner"]))

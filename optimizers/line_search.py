@@ -15,7 +15,7 @@ from torch import Tensor
 
 from optimizers.base import OptimizerOptions
 from validation.checks import in_range, option, positive, positive_int
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class LineSearchResult:
     success: bool
 
 
-def armijo(objective: Objective, direction: Tensor, *, loss0: Tensor | None = None, slope: Tensor | None = None,
+def armijo(objective: ObjectiveLike, direction: Tensor, *, loss0: Tensor | None = None, slope: Tensor | None = None,
            initial: float = 1.0, shrink: float = 0.8, c: float = 0.01, max_evals: int = 60) -> LineSearchResult:
     """Backtrack from ``initial`` by ``shrink`` until the Armijo condition holds, on the objective's batch."""
     loss0 = objective.loss() if loss0 is None else loss0
@@ -50,7 +50,7 @@ def armijo(objective: Objective, direction: Tensor, *, loss0: Tensor | None = No
     return LineSearchResult(0.0, loss0, max_evals, False)
 
 
-def armijo_with(options: LineSearchOptions, objective: Objective, direction: Tensor, *, loss0: Tensor,
+def armijo_with(options: LineSearchOptions, objective: ObjectiveLike, direction: Tensor, *, loss0: Tensor,
                 slope: Tensor, initial: float | None = None, max_evals: int | None = None) -> LineSearchResult:
     """``armijo`` with a method's ``ls_*`` options (``initial``/``max_evals`` override them for one call)."""
     return armijo(objective, direction, loss0=loss0, slope=slope,

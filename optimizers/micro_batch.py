@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from validation import checks
+from optimizers.interface import Curvature, checked_curvature
 from optimizers.losses import Loss
 from optimizers.objective import Objective, _distributed, weighted_all_reduce
-from optimizers.vec import add_to_params
+from optimizers.vec import add_to_params, flatten, unflatten
 
 
 class MicroBatchedObjective:
-    """The Objective interface on ``inputs`` split into pieces of ``micro_batch_size`` samples."""
+    """The objective's interface (``ObjectiveLike``) on ``inputs`` split into pieces of ``micro_batch_size`` samples."""
 
     l2 = 0.0
     curvature_batch_size = None
@@ -91,8 +92,10 @@ class MicroBatchedObjective:
     def loss(self) -> Tensor:
         return self._cached("loss", lambda: self._sum(lambda p: p.loss()))
 
-    def gradient(self, curvature: str | None = None) -> Tensor:
+    def gradient(self, curvature: Curvature | None = None) -> Tensor:
         """The gradient (the loss comes from the same pieces' forward passes and is cached too)."""
+        if curvature is not None:
+            checked_curvature(curvature)
         def piece(part: Objective) -> tuple[Tensor, Tensor]:
             gradient = part.gradient(curvature)  # first: it may run the forward pass its products need
             return part.loss(), gradient
@@ -108,8 +111,6 @@ class MicroBatchedObjective:
         losses = list(self._each(lambda p: p.backward(scale=self.weights[self.parts.index(p)])))
         if _distributed():
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-            from optimizers.vec import flatten, unflatten
-
             for p, g in zip(self.params, unflatten(self.reduce(flatten(grads)), self.params)):
                 p.grad = g
         return self.reduce(sum(w * l for w, l in zip(self.weights, losses)))
@@ -124,8 +125,8 @@ class MicroBatchedObjective:
     def hvp(self, v: Tensor) -> Tensor:
         return self._sum(lambda p: p.hvp(v))
 
-    def curvature_vp(self, v: Tensor, curvature: str = "ggn") -> Tensor:
-        return self.ggn_vp(v) if curvature == "ggn" else self.hvp(v)
+    def curvature_vp(self, v: Tensor, curvature: Curvature = "ggn") -> Tensor:
+        return self.ggn_vp(v) if checked_curvature(curvature) == "ggn" else self.hvp(v)
 
     def loss_at(self, delta: Tensor) -> Tensor:
         return self._sum(lambda p: p.loss_at(delta))

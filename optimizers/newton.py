@@ -32,7 +32,7 @@ from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, pcg
 from validation.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
 from validation.checks import positive, positive_int
 from optimizers.gd import StepSizeOptions, step_rate
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 from optimizers.vec import params_vector
 
 SOLVERS = ("explicit", "cg")
@@ -82,7 +82,7 @@ class Newton(Optimizer):
                 "the matrix fits in memory.")
         self.fallback_lr = o.pretrain_lr if o.fallback_lr is None else o.fallback_lr
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         o = self.options
         if self.steps < o.pretrain_steps:
             return self._pretrain_step(objective)
@@ -112,7 +112,7 @@ class Newton(Optimizer):
             return -g, -torch.dot(g, g), True
         return s, slope, False
 
-    def _pretrain_step(self, objective: Objective) -> dict[str, Any]:
+    def _pretrain_step(self, objective: ObjectiveLike) -> dict[str, Any]:
         """Seed 000 Algorithm 4, first loop: plain gradient descent w <- w - pretrain_lr * g."""
         lr = self.options.pretrain_lr
         loss = objective.loss()
@@ -134,7 +134,7 @@ class Newton(Optimizer):
         return bool(value > self.options.descent_threshold)
 
     # ------------------------------------------------------------------ solvers for (H + lambda I) s = -g
-    def _solve_explicit(self, objective: Objective, g: Tensor, stats: dict[str, Any]) -> Tensor:
+    def _solve_explicit(self, objective: ObjectiveLike, g: Tensor, stats: dict[str, Any]) -> Tensor:
         """Dense solve; a singular or non-finite system falls back to the eigendecomposition pseudo-inverse."""
         hessian = objective.hessian_matrix()
         damping = self.options.damping
@@ -158,7 +158,7 @@ class Newton(Optimizer):
         stats["min_eigenvalue"] = evals[0] - damping
         return -(evecs @ (inverse * (evecs.T @ g)))
 
-    def _solve_cg(self, objective: Objective, g: Tensor, stats: dict[str, Any]) -> Tensor:
+    def _solve_cg(self, objective: ObjectiveLike, g: Tensor, stats: dict[str, Any]) -> Tensor:
         """Inexact Newton: CG on Hessian-vector products (seed 000 sec. 9.2), stopped on or stepping through negative
         curvature (``cg_negative_curvature``)."""
         o = self.options

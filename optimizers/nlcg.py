@@ -15,7 +15,7 @@ from torch.optim.lbfgs import _strong_wolfe
 from optimizers.base import Optimizer, clone_state
 from validation.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
 from optimizers.line_search import LineSearchOptions, armijo_with
-from optimizers.objective import Objective
+from optimizers.interface import ObjectiveLike
 
 BETA_RULES = ("pr", "fr", "hs")
 LINE_SEARCHES = ("strong_wolfe", "armijo")
@@ -66,7 +66,7 @@ class NLCG(Optimizer):
         self.prev_loss: Tensor | None = None
         self.since_restart = 0
 
-    def update(self, objective: Objective) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         loss, g = objective.loss(), objective.gradient()
         gg = g.dot(g)
         d, gtd, beta, restart = self._direction(g, gg)
@@ -108,7 +108,7 @@ class NLCG(Optimizer):
             beta = beta.clamp(min=0.0)
         return torch.where(torch.isfinite(beta), beta, torch.zeros_like(beta))
 
-    def _search(self, objective: Objective, d: Tensor, loss: Tensor, g: Tensor, gg: Tensor,
+    def _search(self, objective: ObjectiveLike, d: Tensor, loss: Tensor, g: Tensor, gg: Tensor,
                 gtd: Tensor) -> tuple[float, Any, int]:
         """(rate, loss at the new point, evaluations) along d."""
         o = self.options

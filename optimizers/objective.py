@@ -38,20 +38,24 @@ from torch.func import functional_call
 
 from validation import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
-                                 TangentFreeInputs, auto_jacobian_backend, flat_or_zero, vjp)
+                                 HessianBackend, JacobianBackend, TangentFreeInputs, auto_jacobian_backend,
+                                 flat_or_zero, vjp)
+from optimizers.functional import FunctionalModel, RandomState, buffer_copies, call
+from optimizers.interface import Curvature, checked_curvature
 from optimizers.losses import Loss, get_loss
 from optimizers.per_sample import grad_sq_sums
 from optimizers.vec import add_to_params, flatten, unflatten
 
 GGN_BACKENDS = ("auto", *JACOBIAN_BACKENDS)  # the built-in choices (the registries are read at each construction)
 HVP_BACKENDS = tuple(HESSIAN_BACKENDS)
-CURVATURES = ("ggn", "hessian")
 
 
 class Objective:
-    """The loss of ``model`` on one batch, with its gradient and curvature products on flat parameter vectors."""
+    """The loss of ``model`` on one batch, with its gradient and curvature products on flat parameter vectors
+    (implements ``optimizers.interface.ObjectiveLike``)."""
 
     l2 = 0.0  # weight decay eta; see optimizers.weight_decay.WeightDecayed
+    micro_batch_size = None  # one forward pass over the whole batch (optimizers.micro_batch splits it)
     local = False  # True: never all-reduce (a piece of a MicroBatchedObjective, which reduces the sum once)
 
     def __init__(self, model: nn.Module, loss_fn: Loss | str, inputs: Tensor, targets: Tensor, *,
@@ -70,7 +74,7 @@ class Objective:
         self.share = inputs.shape[0] / (global_batch_size or inputs.shape[0] * world)
         self.product_count = {"ggn": 0, "hvp": 0, "jvp": 0, "vjp": 0}
         self.comm = {"calls": 0, "bytes": 0, "seconds": 0.0}
-        self._rng: tuple | None = None  # the RNG state of the batch's forward pass (its dropout masks)
+        self._random_state: RandomState | None = None  # of the batch's forward pass (its dropout masks)
         self._clear()
 
     # Built on first use, so the first-order path (``backward`` only) pays nothing for them.
@@ -115,12 +119,13 @@ class Objective:
         if self._outputs is not None:
             return
         with torch.enable_grad():
-            if self._rng is None:  # the batch's one real forward pass
-                self._rng = _capture_rng(self.inputs.device)
+            if self._random_state is None:  # the batch's one real forward pass
+                self._random_state = RandomState.capture(self.inputs.device)
                 self._outputs = self.model(self.inputs)
-            else:                  # the parameters moved: same masks, running statistics untouched
-                with self.replay_rng():
-                    self._outputs = self.call_with(dict(self._named), self.inputs)
+            else:                           # the parameters moved: same masks, running statistics untouched
+                net = self._functional()
+                with net.replay_rng():
+                    self._outputs = net(dict(self._named), self.inputs)
             self._loss = self.loss_fn(self._outputs, self.targets)
         self._versions = self._param_versions()
 
@@ -150,17 +155,18 @@ class Objective:
         self._clear()
         return loss
 
-    def gradient(self, curvature: str | None = None) -> Tensor:
+    def gradient(self, curvature: Curvature | None = None) -> Tensor:
         """Flat gradient of the batch loss (cached).
 
         ``curvature="ggn"`` or ``"hessian"`` announces that products of that curvature will follow: the gradient
         then comes out of the backward that sets up their backend where it can (double-backward backends on the
         whole batch), so a method pays one backward for both.
         """
+        if curvature is not None:
+            checked_curvature(curvature)
         self._forward()
         if self._grad is None and curvature is not None and self._curvature_on_whole_batch:
-            backend = self._jacobian() if checks.one_of(*CURVATURES)("curvature", curvature) == "ggn" \
-                else self._hessian()
+            backend = self._jacobian() if curvature == "ggn" else self._hessian()
             if backend.gradient is not None:
                 self._grad = self.reduce(backend.gradient)
         if self._grad is None:
@@ -184,19 +190,19 @@ class Objective:
         statistics move once), so a method that needs J z first (CurveBall) gets it with the forward. When the
         forward has already run, or curvature uses a sub-batch, this is ``jvp(v)``.
         """
-        if self._rng is not None or not self._curvature_on_whole_batch:
+        if self._random_state is not None or not self._curvature_on_whole_batch:
             return self.jvp(v)
         with self._timer("jvp"):
             self.product_count["jvp"] += 1
-            self._rng = _capture_rng(self.inputs.device)
-            buffers = _buffer_copies(self.model)
+            self._random_state = RandomState.capture(self.inputs.device)
+            buffers = buffer_copies(self.model)
             try:
                 with torch.enable_grad(), fwad.dual_level(), TangentFreeInputs():
                     dual = {n: fwad.make_dual(p, t) for n, p, t in zip(self.names, self.params, unflatten(v, self.params))}
                     outputs, jv = fwad.unpack_dual(functional_call(self.model, {**dual, **buffers}, (self.inputs,)))
             except BaseException:
-                _restore_rng(self._rng, self.inputs.device)  # leave the RNG as if nothing had run
-                self._rng = None
+                self._random_state.restore()  # leave the RNG as if nothing had run
+                self._random_state = None
                 raise
             with torch.no_grad():  # model(inputs) would have moved the running statistics: commit the copies' update
                 for name, buf in self.model.named_buffers():
@@ -221,9 +227,9 @@ class Objective:
             self.product_count["hvp"] += 1
             return self.reduce(self._hessian().hvp(v))
 
-    def curvature_vp(self, v: Tensor, curvature: str = "ggn") -> Tensor:
+    def curvature_vp(self, v: Tensor, curvature: Curvature = "ggn") -> Tensor:
         """G v or H v by name: the one entry point solvers use."""
-        return self.ggn_vp(v) if curvature == "ggn" else self.hvp(v)
+        return self.ggn_vp(v) if checked_curvature(curvature) == "ggn" else self.hvp(v)
 
     def jvp(self, v: Tensor, backend: str | None = None) -> Tensor:
         """J v: output-space directional derivative (B, o) on the curvature batch; ``backend`` overrides the default."""
@@ -242,7 +248,7 @@ class Objective:
             cb = self._curvature_batch()
             if not keep_for_jvp:
                 return self.reduce(vjp(cb, self.params, w))
-            cb.backends[DoubleBackward.name] = backend = DoubleBackward(self, cb, u=w)
+            cb.backends[DoubleBackward.name] = backend = DoubleBackward(self._functional(), cb, u=w)
             return self.reduce(backend.jtu)
 
     def loss_hessian_vp(self, u: Tensor) -> Tensor:
@@ -266,32 +272,40 @@ class Objective:
             if self._curvature_on_whole_batch:
                 self._curv = CurvatureBatch(self.inputs, self.targets, self._outputs, self._loss, shared=True)
             else:  # Martens 2010 sec. 4.3: a sub-batch. Its forward must not move BN running statistics.
-                k = self.curvature_batch_size
+                k, net = self.curvature_batch_size, self._functional()
                 x, y = self.inputs[:k], self.targets[:k]
-                with torch.enable_grad(), self.replay_rng():
-                    out = self.call_with(dict(self._named), x)
+                with torch.enable_grad(), net.replay_rng():
+                    out = net(dict(self._named), x)
                 self._curv = CurvatureBatch(x, y, out, self.loss_fn(out, y), shared=False)
         return self._curv
 
-    def _jacobian(self, name: str | None = None):
+    def _jacobian(self, name: str | None = None) -> JacobianBackend:
         cb, name = self._curvature_batch(), name or self.jacobian_backend
         if name not in cb.backends:
-            cb.backends[name] = JACOBIAN_BACKENDS[checks.one_of(*JACOBIAN_BACKENDS)("jvp backend", name)](self, cb)
+            backend = JACOBIAN_BACKENDS[checks.one_of(*JACOBIAN_BACKENDS)("jvp backend", name)]
+            cb.backends[name] = backend(self._functional(), cb)
         return cb.backends[name]
 
-    def _hessian(self):
+    def _hessian(self) -> HessianBackend:
         cb = self._curvature_batch()
         key = "hessian/" + self.hvp_backend
         if key not in cb.backends:
-            cb.backends[key] = HESSIAN_BACKENDS[self.hvp_backend](self, cb)
+            cb.backends[key] = HESSIAN_BACKENDS[self.hvp_backend](self._functional(), cb)
         return cb.backends[key]
+
+    def _functional(self) -> FunctionalModel:
+        """The batch's function for backends and trial points: f(w; x) replaying the forward pass's dropout masks."""
+        if self._random_state is None:
+            self._forward()
+        return FunctionalModel(self.model, self.names, self.params, self.loss_fn, self._random_state)
 
     # ------------------------------------------------------------------ trial points and updates
     def loss_at(self, delta: Tensor) -> Tensor:
         """Loss at w + delta on the same batch, same dropout masks, without touching BN running statistics."""
-        params = {n: p.detach() + d for n, p, d in zip(self.names, self.params, unflatten(delta, self.params))}
-        with torch.no_grad(), self.replay_rng():
-            return self.reduce(self.loss_fn(self.call_with(params, self.inputs), self.targets))
+        net = self._functional()
+        params = net.by_name([p.detach() + d for p, d in zip(self.params, unflatten(delta, self.params))])
+        with torch.no_grad(), net.replay_rng():
+            return self.reduce(self.loss_fn(net(params, self.inputs), self.targets))
 
     def loss_and_gradient_at(self, delta: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Loss and flat gradient at w + delta (w = the parameters as they are now), evaluated afresh on the batch
@@ -299,8 +313,9 @@ class Objective:
         base = [p.detach() for p in self.params]
         deltas = unflatten(delta, base) if delta is not None else [None] * len(base)
         trial = [(b if d is None else b + d).requires_grad_(True) for b, d in zip(base, deltas)]
-        with torch.enable_grad(), self.replay_rng():
-            loss = self.loss_fn(self.call_with(dict(zip(self.names, trial)), self.inputs), self.targets)
+        net = self._functional()
+        with torch.enable_grad(), net.replay_rng():
+            loss = self.loss_fn(net(net.by_name(trial), self.inputs), self.targets)
             grads = torch.autograd.grad(loss, trial, allow_unused=True)
         return self.reduce(loss.detach()), self.reduce(flat_or_zero(grads, trial))
 
@@ -321,8 +336,8 @@ class Objective:
         was_training = self.model.training
         self.model.eval()
         try:
-            sums = grad_sq_sums(self.model, self.loss_fn, self.inputs, self.targets, self._named, self.call_with,
-                                self.per_sample_chunk)
+            sums = grad_sq_sums(self.model, self.loss_fn, self.inputs, self.targets, self._named,
+                                functools.partial(call, self.model), self.per_sample_chunk)
             return self.reduce(flatten(sums) / self.inputs.shape[0])
         finally:
             self.model.train(was_training)
@@ -330,16 +345,16 @@ class Objective:
     def hessian_matrix(self, chunk_size: int = 512) -> Tensor:
         """Explicit Hessian (P, P) of the curvature-batch loss, for small models (explicit Newton, full spectra):
         columns H e_i by ``torch.func`` forward-over-reverse, vmapped over chunks of the basis."""
-        cb = self._curvature_batch()
+        cb, net = self._curvature_batch(), self._functional()
         flat0 = flatten([p.detach() for p in self.params])
 
         def loss_of_flat(w: Tensor) -> Tensor:
-            return self.loss_fn(self.call_with(dict(zip(self.names, unflatten(w, self.params))), cb.inputs), cb.targets)
+            return self.loss_fn(net(net.by_name(unflatten(w, self.params)), cb.inputs), cb.targets)
 
         grad_fn = torch.func.grad(loss_of_flat)
         column = torch.func.vmap(lambda e: torch.func.jvp(grad_fn, (flat0,), (e,))[1])
         eye = torch.eye(self.numel, dtype=flat0.dtype, device=flat0.device)
-        with self.replay_rng():
+        with net.replay_rng():
             return self.reduce(torch.cat([column(eye[i:i + chunk_size]) for i in range(0, self.numel, chunk_size)]))
 
     # ------------------------------------------------------------------ statistics and helpers
@@ -353,20 +368,6 @@ class Objective:
             out.update({"comm/all_reduces": float(self.comm["calls"]), "comm/bytes": float(self.comm["bytes"]),
                         "comm/time": self.comm["seconds"]})
         return out
-
-    def call_with(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
-        """Functional forward with the given parameters and copies of the buffers (running stats stay untouched)."""
-        return functional_call(self.model, {**params, **_buffer_copies(self.model)}, (x,))
-
-    @contextlib.contextmanager
-    def replay_rng(self) -> Iterator[None]:
-        """Re-draw the same dropout masks as the batch's forward pass."""
-        if self._rng is None:
-            self._forward()
-        devices = [self.inputs.device] if self.inputs.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            _restore_rng(self._rng, self.inputs.device)
-            yield
 
     def reduce(self, t: Tensor) -> Tensor:
         """The global batch mean of a local batch-mean quantity: sum over ranks of share * t, one all-reduce.
@@ -417,21 +418,6 @@ class _ProductTimer:
             self.seconds += sum(s.elapsed_time(e) for s, e in self.events) / 1e3
             self.events.clear()
         return self.seconds
-
-
-def _buffer_copies(model: nn.Module) -> dict[str, Tensor]:
-    return {n: b.clone() for n, b in model.named_buffers()}
-
-
-def _capture_rng(device: torch.device) -> tuple:
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _restore_rng(state: tuple, device: torch.device) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
 
 
 def _distributed() -> bool:

@@ -1,18 +1,23 @@
-"""Any ``torch.optim.Optimizer`` subclass behind the step contract, by import path.
+"""The one adapter of ``torch.optim`` optimisers to the step contract, and its configuration by import path.
+
+``TorchAdapter`` runs a ``torch.optim.Optimizer`` built as ``cls(params, lr=lr, **kwargs)``; a configuration is a
+subclass that names ``cls`` and ``kwargs`` (``torch_optimizer``): the built-in SGD and Adam (optimizers/first_order.py),
+L-BFGS (optimizers/lbfgs.py), and ``TorchOptim`` here, any subclass by import path:
 
     python run.py optimizer=torch_optim optimizer.cls=torch.optim.RMSprop optimizer.lr=1e-3 +optimizer.options.alpha=0.9
     python run.py optimizer=soap optimizer.lr=3e-3  # conf/optimizer/soap.yaml: pytorch_optimizer.SOAP through this
 
 ``cls`` is imported and built as ``cls(params, lr=lr, **options)``. ``lr`` is the base rate of every parameter group
-(the schedule multiplies it, as for SGD and Adam); ``options`` are the class's other keyword arguments, checked
+(the schedule multiplies it: optimizers/schedules.py, as for SGD and Adam); ``options`` are the class's other keyword arguments, checked
 against its signature, so a misspelled key names ``optimizer.options.<key>``. The adapter's own keys (``lr``,
 ``backward``, the schedule, ``weight_decay``) live beside them. How a step reaches the gradient
 (``backward``):
 
 * ``plain``: ``objective.backward()`` fills ``p.grad`` (the Objective's one forward and backward), then ``step()``.
 * ``closure``: ``step(closure)`` for methods that re-evaluate the batch (L-BFGS-style line searches). The first call
-  is ``objective.backward()``; later calls evaluate afresh at the parameters the method has moved in place
-  (``objective.loss_and_gradient_at()``: same batch, same dropout masks, batch-norm running statistics untouched).
+  returns the Objective's loss and gradient at the step's start; later calls evaluate afresh at the parameters the
+  method has moved in place (``objective.loss_and_gradient_at()``: same batch, same dropout masks, batch-norm running
+  statistics untouched). ``p.grad`` holds a copy of each gradient and is cleared after the step.
 * ``create_graph``: ``loss.backward(create_graph=True)`` for methods that read Hessian-vector products from
   ``p.grad``'s graph (AdaHessian, Sophia). The Objective's detached API cannot give that graph, so this mode
   computes ``loss_fn(model(inputs), targets)`` itself (plus eta/2 |w|^2 under weight decay): it bypasses the
@@ -38,10 +43,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
-from validation.checks import OptionError, boolean, check_call, fail, one_of, option
-from optimizers.first_order import ScheduleOptions
-from optimizers.schedules import Scheduled
+from optimizers.interface import ObjectiveLike
+from optimizers.schedules import ScheduleOptions, Scheduled
 from optimizers.vec import unflatten
+from validation.checks import OptionError, boolean, check_call, fail, one_of, option
 
 BACKWARDS = ("auto", "plain", "closure", "create_graph")
 
@@ -78,60 +83,66 @@ def resolve_class(path: Any) -> type:
     return cls
 
 
-class TorchOptim(Scheduled, Optimizer):
-    """Runs ``cls(params, lr=lr, **options)`` through the step contract (module docstring)."""
-
-    Options = TorchOptimOptions
+class TorchAdapter(Optimizer):
+    """A ``torch.optim.Optimizer`` behind the step contract. A configuration implements ``torch_optimizer``; its
+    Options have ``lr``. Mixing in ``optimizers.schedules.Scheduled`` schedules the rate of every parameter group."""
 
     def __init__(self, params: Iterable[Tensor], **options: Any):
         super().__init__(params, **options)
-        cls = resolve_class(self.options.cls)
-        kwargs = _checked_kwargs(cls, self.options.cls, dict(self.options.options), self.options.check_options)
-        try:
-            self.inner = cls(self.params, lr=self.options.lr, **kwargs)
-        except (TypeError, ValueError) as exc:
-            raise OptionError(f"{self.options.cls} rejected optimizer.lr={self.options.lr} with optimizer.options="
-                              f"{_show(kwargs)}: {exc}") from exc
-        self.mode = self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+        cls, kwargs = self.torch_optimizer()
+        self.inner = self.build(cls, kwargs)
+        self.mode = self.backward_mode(cls)
 
-    def update(self, objective: Any) -> dict[str, Any]:
-        lr = self._set_lr()
-        self.inner.zero_grad(set_to_none=True)
+    def torch_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The class and its keyword arguments besides the parameters and ``lr``."""
+        raise NotImplementedError
+
+    def build(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        return cls(self.params, lr=self.options.lr, **kwargs)
+
+    def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
+        """plain | closure | create_graph (module docstring)."""
+        return "plain"
+
+    def learning_rate(self) -> float:
+        return self.options.lr  # Scheduled: times the schedule's multiplier
+
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
+        lr = self.learning_rate()
+        for group in self.inner.param_groups:
+            group["lr"] = lr
         stats: dict[str, Any] = {}
         if self.mode == "plain":
+            self.inner.zero_grad(set_to_none=True)
             loss = objective.backward()
             self.inner.step()
         elif self.mode == "closure":
-            loss, stats["closure_evals"] = self._closure_step(objective)
+            loss, _, stats["closure_evals"] = self.closure_step(objective)
         else:
             loss = self._create_graph_step(objective)
-        return {"loss": loss, "lr": lr, **stats}
+        return {"loss": loss, "lr": lr, **stats, **objective.stats()}
 
-    def _set_lr(self) -> float:
-        lr = self.options.lr * self.lr_scale()
-        for group in self.inner.param_groups:
-            group["lr"] = lr
-        return lr
-
-    def _closure_step(self, objective: Any) -> tuple[Tensor, int]:
-        calls: list[Tensor] = []
+    def closure_step(self, objective: ObjectiveLike) -> tuple[Tensor, Tensor, int]:
+        """``step(closure)``: returns the loss and gradient at the step's start and the number of evaluations."""
+        loss, grad = objective.loss(), objective.gradient()
+        evals = 0
 
         def closure() -> Tensor:
-            # The method moves the parameters in place between calls: the first call is the Objective's own
-            # forward and backward at the step's start, later ones evaluate afresh where the parameters are now.
-            if not calls:
-                value = objective.backward()
-            else:
-                value, g = objective.loss_and_gradient_at()
-                for p, gi in zip(self.params, unflatten(g, self.params)):
-                    p.grad = gi.clone()
-            calls.append(value)
+            # The method moves the parameters in place between calls: the first call is at the step's start (the
+            # objective's cached forward), later ones evaluate afresh where the parameters are now.
+            nonlocal evals
+            evals += 1
+            value, g = (loss, grad) if evals == 1 else objective.loss_and_gradient_at()
+            for p, gi in zip(objective.params, unflatten(g, objective.params)):
+                p.grad = gi.clone()  # the method may change p.grad in place: the objective's gradient stays intact
             return value
 
         self.inner.step(closure)
-        return calls[0], len(calls)
+        for p in objective.params:
+            p.grad = None
+        return loss, grad, evals
 
-    def _create_graph_step(self, objective: Any) -> Tensor:
+    def _create_graph_step(self, objective: ObjectiveLike) -> Tensor:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise OptionError("optimizer.backward=create_graph runs in one process only: its loss bypasses the "
                               "Objective's data-parallel reduction.")
@@ -149,11 +160,52 @@ class TorchOptim(Scheduled, Optimizer):
         return total.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "inner": clone_state(self.inner.state_dict())}
+        # torch's state dict holds live buffers (updated in place): copy them.
+        return {"steps": self.steps, "inner": _dtypes_named(clone_state(self.inner.state_dict()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.inner.load_state_dict(clone_state(state["inner"]))
+        self.inner.load_state_dict(_dtypes_named(clone_state(state["inner"]), restore=True))
+
+
+class TorchOptim(Scheduled, TorchAdapter):
+    """Runs ``cls(params, lr=lr, **options)`` through the step contract (module docstring)."""
+
+    Options = TorchOptimOptions
+
+    def torch_optimizer(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        cls = resolve_class(self.options.cls)
+        return cls, _checked_kwargs(cls, self.options.cls, dict(self.options.options), self.options.check_options)
+
+    def build(self, cls: type[torch.optim.Optimizer], kwargs: dict[str, Any]) -> torch.optim.Optimizer:
+        try:
+            return super().build(cls, kwargs)
+        except (TypeError, ValueError) as exc:
+            raise OptionError(f"{self.options.cls} rejected optimizer.lr={self.options.lr} with optimizer.options="
+                              f"{_show(kwargs)}: {exc}") from exc
+
+    def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
+        return self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+
+
+def _dtypes_named(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:
+    """The param groups' torch.dtype values (pytorch_optimizer.Kron's precondition_dtype) as their names
+    ("torch.float32"), which a checkpoint loaded with weights_only=True can hold; ``restore``: names back to dtypes."""
+    if "param_groups" not in state:
+        return state
+    convert = _dtype_of if restore else _dtype_name
+    return {**state, "param_groups": [{k: convert(v) for k, v in group.items()} for group in state["param_groups"]]}
+
+
+def _dtype_name(value: Any) -> Any:
+    return str(value) if isinstance(value, torch.dtype) else value
+
+
+def _dtype_of(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith("torch."):
+        dtype = getattr(torch, value.removeprefix("torch."), None)
+        return dtype if isinstance(dtype, torch.dtype) else value
+    return value
 
 
 def auto_backward(cls: type) -> str:

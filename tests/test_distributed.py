@@ -3,7 +3,8 @@ batch, and the ranks hold bitwise identical parameters after every step.
 
 Each rank takes its shard of the global batch (``tensor_split``, so 7 samples split 4/3); the Objective's one weighted
 all-reduce turns every local batch mean into the global one. Processes are real (``torch.multiprocessing.spawn``,
-gloo over a file store).
+gloo over a file store). The methods and their options come from the one registry (tests/registry.py,
+``Method.equivalence``).
 """
 from __future__ import annotations
 
@@ -15,22 +16,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from optimizers import KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, HessianFree, Newton, Objective
+from optimizers import SGD, Objective
 from optimizers.vec import params_vector
+from tests import registry
 
 WORLD = 2
 STEPS = 4
-METHODS = {
-    "sgd": (SGD, dict(lr=0.1)),
-    "adam": (Adam, dict(lr=0.01)),
-    "hf": (HessianFree, dict(weight_decay=1e-3)),
-    "curveball": (CurveBall, dict(lambda_every=2)),
-    "newton_cg": (Newton, dict(solver="cg", damping=1e-2)),
-    "lbfgs": (LBFGS, dict()),
-    "nlcg": (NLCG, dict()),
-    "kfac": (KFAC, dict(fisher="empirical", inverse_every=2)),  # factors through the same one weighted reduction
-    "kfac_ggn": (KFAC, dict(fisher="ggn", weight_decay=1e-3)),
-}
+METHODS = {f"{name}_{variant}" if variant else name: (name, options)  # id -> (the choice, options on top of it)
+           for name, method in registry.METHODS.items() for variant, options in method.equivalence.items()}
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 # torch's strong-Wolfe search (L-BFGS) fits cubics through loss and slope values; in float32 that amplifies the 1e-7
 # rounding difference between one batch mean and the weighted sum of two shard means to ~3e-4 after one step
@@ -49,9 +42,9 @@ def problem(dtype: torch.dtype, batch: int):
 
 def train(name: str, dtype: torch.dtype, batch: int, rank: int = 0, world: int = 1) -> list[torch.Tensor]:
     """Parameters after each step; rank r of ``world`` steps on its shard of every global batch."""
-    cls, options = METHODS[name]
+    choice, options = METHODS[name]
     model, batches = problem(dtype, batch)
-    opt = cls(model.parameters(), **options)
+    opt = registry.make(choice, model.parameters(), **options)
     opt.configure(total_steps=STEPS)
     trajectory = []
     for x, y in batches:

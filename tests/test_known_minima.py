@@ -2,30 +2,25 @@
 textbook start (-1.2, 1) within a stated number of steps, in float64 and in float32, and the minimiser of a convex
 quadratic (zero-residual linear least squares) in both dtypes.
 
-The budgets are the measured step counts (CPU, this code) with ~25 % slack; seed 003 Table 1 reports, for its own
-start and tolerance, SGD+momentum 370, Adam 799, LM 16, BFGS 19, exact Hessian 14 and CurveBall 13 iterations.
+The methods, their settings and their measured step counts come from the one registry (tests/registry.py,
+``Method.minima``); the budgets are the measured counts (CPU, this code) with ~25 % slack. Seed 003 Table 1 reports,
+for its own start and tolerance, SGD+momentum 370, Adam 799, LM 16, BFGS 19, exact Hessian 14 and CurveBall 13
+iterations. Print the counts with
+``python -c 'import sys; sys.path[:0] = ["tests"]; from test_known_minima import measure; measure()'``.
 """
 import pytest
 import torch
 
 from conftest import least_squares
 from models.problems import build_rosenbrock
-from optimizers import NLCG, SGD, Adam, HessianFree, LBFGS, Newton, Objective
-from optimizers.curveball import CurveBall
+from optimizers import Objective
+from tests.registry import METHODS, factory
 
 TOL = 1e-4  # distance to (1, 1)
-
-# (name, factory, measured steps, budget)
-CASES = [
-    ("sgd", lambda p: SGD(p, lr=2e-3, momentum=0.9), 1126, 1400),
-    ("adam", lambda p: Adam(p, lr=5e-2), 2084, 2600),
-    ("newton-explicit", lambda p: Newton(p, solver="explicit"), 19, 24),
-    ("newton-cg", lambda p: Newton(p, solver="cg"), 19, 24),
-    ("hf", lambda p: HessianFree(p), 15, 19),
-    ("curveball", lambda p: CurveBall(p, damping=1.0), 30, 38),  # damping=10 (no-BN default): 213 steps
-    ("lbfgs", lambda p: LBFGS(p), 35, 44),
-    ("nlcg", lambda p: NLCG(p), 31, 39),
-]
+QUADRATIC_TOL = {torch.float64: 1e-5, torch.float32: 1e-3}  # max |w - w*|; L-BFGS's default tolerances stop near 1e-6
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+QUADRATIC = list(METHODS)
+ROSENBROCK = [name for name, method in METHODS.items() if method.minima.rosenbrock is not None]
 
 
 def steps_until(factory, model: torch.nn.Module, loss: str, x: torch.Tensor, y: torch.Tensor, reached,
@@ -46,43 +41,48 @@ def steps_to_minimum(factory, budget: int, dtype: torch.dtype = torch.float64, t
     return steps_until(factory, model, "sse", x, y, lambda: (model.xy.detach() - 1).norm() < tol, budget)
 
 
-@pytest.mark.parametrize("name,factory,measured,budget", CASES, ids=[c[0] for c in CASES])
-def test_reaches_rosenbrock_minimum(name, factory, measured, budget):
-    steps = steps_to_minimum(factory, budget)
-    assert steps is not None, f"{name} did not reach (1, 1) within {budget} steps"
-    assert steps > 0
-
-
-# ---------------------------------------------------------------- float32, and a convex quadratic in both dtypes
-# Measured steps (CPU, this code) per optimiser; the budget is 25 % above them plus 2.
-MEASURED = {  # name: (quadratic float64, quadratic float32, Rosenbrock float32)
-    "sgd": (217, 113, 861), "adam": (240, 144, 1803), "newton-explicit": (1, 1, 18), "newton-cg": (1, 1, 18),
-    "hf": (6, 4, 14), "curveball": (54, 28, 24), "lbfgs": (11, 9, 33), "nlcg": (6, 6, 31),
-}
-FACTORIES = {name: factory for name, factory, _, _ in CASES}
-QUADRATIC_TOL = {torch.float64: 1e-5, torch.float32: 1e-3}  # max |w - w*|; L-BFGS's default tolerances stop near 1e-6
-
-
 def budget(measured: int) -> int:
     return int(1.25 * measured) + 2
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", list(MEASURED))
-def test_reaches_the_minimiser_of_a_convex_quadratic(name, dtype):
+def minimiser_factory(name: str):
+    return factory(name, **METHODS[name].minima.options)
+
+
+def steps_to_quadratic_minimiser(name: str, dtype: torch.dtype, limit: int) -> int | None:
     x, y, w_star = least_squares(n=6, m=32, dtype=dtype)
     torch.manual_seed(0)
     model = torch.nn.Linear(6, 1, bias=False).to(dtype)
-    limit = budget(MEASURED[name][0 if dtype == torch.float64 else 1])
-    steps = steps_until(FACTORIES[name], model, "mse", x, y,
-                        lambda: (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype], limit)
+    return steps_until(minimiser_factory(name), model, "mse", x, y,
+                       lambda: (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype], limit)
+
+
+def steps_to_rosenbrock_minimum(name: str, dtype: torch.dtype, limit: int) -> int | None:
+    return steps_to_minimum(minimiser_factory(name), limit, dtype=dtype, tol=TOL if dtype == torch.float64 else 1e-3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", QUADRATIC)
+def test_reaches_the_minimiser_of_a_convex_quadratic(name, dtype):
+    limit = budget(METHODS[name].minima.quadratic[list(DTYPES).index(dtype)])
+    steps = steps_to_quadratic_minimiser(name, DTYPES[dtype], limit)
     assert steps is not None, f"{name} did not reach the minimiser within {limit} steps in {dtype}"
-    assert model.weight.dtype == dtype and steps > 0
-
-
-@pytest.mark.parametrize("name", list(MEASURED))
-def test_reaches_rosenbrock_minimum_in_float32(name):
-    limit = budget(MEASURED[name][2])
-    steps = steps_to_minimum(FACTORIES[name], limit, dtype=torch.float32, tol=1e-3)  # float64 asks 1e-4
-    assert steps is not None, f"{name} did not reach (1, 1) within {limit} steps in float32"
     assert steps > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ROSENBROCK)
+def test_reaches_rosenbrock_minimum(name, dtype):
+    limit = budget(METHODS[name].minima.rosenbrock[list(DTYPES).index(dtype)])
+    steps = steps_to_rosenbrock_minimum(name, DTYPES[dtype], limit)  # float64 asks 1e-4, float32 1e-3
+    assert steps is not None, f"{name} did not reach (1, 1) within {limit} steps in {dtype}"
+    assert steps > 0
+
+
+def measure(limit: int = 5000) -> None:
+    """Print every method's step counts, in the registry's order: quadratic (float64, float32), Rosenbrock (same)."""
+    for name in METHODS:
+        quadratic = tuple(steps_to_quadratic_minimiser(name, dtype, limit) for dtype in DTYPES.values())
+        rosenbrock = (tuple(steps_to_rosenbrock_minimum(name, dtype, limit) for dtype in DTYPES.values())
+                      if name in ROSENBROCK else None)
+        print(f"{name}: quadratic={quadratic}, rosenbrock={rosenbrock}")

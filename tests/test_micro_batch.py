@@ -5,9 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from optimizers import LBFGS, NLCG, SGD, CurveBall, HessianFree, Newton, Objective, OptionError
+from optimizers import Objective, OptionError
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.vec import params_vector
+from tests import registry
 
 
 def model() -> nn.Module:
@@ -43,18 +44,25 @@ def test_every_quantity_equals_the_whole_batch(backend):
     assert micro.stats()["micro_batches"] == 3
 
 
-@pytest.mark.parametrize("cls, options", [(SGD, dict(lr=0.1)), (HessianFree, {}), (CurveBall, {}),
-                                          (Newton, dict(solver="cg", damping=0.1)), (LBFGS, {}), (NLCG, {})],
-                         ids=lambda c: getattr(c, "__name__", ""))
-def test_methods_take_the_whole_batch_step(cls, options):
+@pytest.mark.parametrize("name", registry.METHODS)
+def test_methods_take_the_whole_batch_step_or_refuse_micro_batches(name):
+    """Every method of the registry (its options of the equivalence tests, with weight decay): three steps on
+    micro-batches equal three on the whole batch, or the first is refused naming objective.micro_batch_size."""
     (x, y), runs = batch(), []
     for micro in (None, 3):
         m = model()
-        opt = cls(m.parameters(), weight_decay=1e-3, **options)
+        opt = registry.make(name, m.parameters(), **{"weight_decay": 1e-3, **registry.METHODS[name].equivalence[""]})
         for _ in range(3):
             objective = (Objective(m, "cross_entropy", x, y) if micro is None else
                          MicroBatchedObjective(m, "cross_entropy", x, y, micro_batch_size=micro))
-            opt.step(objective)
+            if micro is None:
+                opt.step(objective)
+                continue
+            try:
+                opt.step(objective)
+            except OptionError as refused:
+                assert "objective.micro_batch_size must be null" in str(refused)
+                return
         runs.append(params_vector(m.parameters()))
     assert close(runs[1], runs[0], 1e-10)
 

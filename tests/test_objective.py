@@ -325,7 +325,8 @@ def test_forward_with_jvp_matches_jvp_and_falls_back_after_the_forward():
 
 def test_a_new_backend_is_one_class_and_one_registry_line(monkeypatch, float64_case):
     """Issue 6: adding a Jacobian backend touches nothing but the registry. This one computes J v with
-    ``torch.func.jvp`` (a path no built-in backend takes) and must give the dense GGN's product."""
+    ``torch.func.jvp`` (a path no built-in backend takes) and must give the dense GGN's product. A backend sees the
+    batch's function ``self.net`` (optimizers.functional.FunctionalModel) and the batch, never the Objective."""
     from optimizers.backends import JACOBIAN_BACKENDS, JacobianBackend
     from optimizers.vec import unflatten
 
@@ -333,11 +334,11 @@ def test_a_new_backend_is_one_class_and_one_registry_line(monkeypatch, float64_c
         name = "func_jvp"
 
         def jvp(self, v):
-            obj = self.objective
-            primals = {n: p.detach() for n, p in zip(obj.names, obj.params)}
-            tangents = dict(zip(obj.names, unflatten(v, obj.params)))
-            with obj.replay_rng():
-                return torch.func.jvp(lambda p: obj.call_with(p, self.batch.inputs), (primals,), (tangents,))[1]
+            net = self.net
+            primals = net.by_name([p.detach() for p in net.params])
+            tangents = net.by_name(unflatten(v, net.params))
+            with net.replay_rng():
+                return torch.func.jvp(lambda p: net(p, self.batch.inputs), (primals,), (tangents,))[1]
 
     c = float64_case
     with pytest.raises(ValueError, match="objective.ggn_backend=func_jvp"):

@@ -2,7 +2,8 @@
 
 Every key a method accepts is a field of ``Method.Options`` (validated once); every YAML file in conf/optimizer/
 lists exactly those fields at their defaults (newton_cg overrides only ``solver``); a bad value or an unknown key is
-an OptionError naming the key as the user types it.
+an OptionError naming the key as the user types it. The choices and classes come from the one registry
+(tests/registry.py), so a new method is checked here without editing this file.
 """
 from __future__ import annotations
 
@@ -12,17 +13,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.utils import get_class, instantiate
 from torch import nn
 
-from optimizers import (KFAC, LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, OptionError,
-                        TorchOptim)
+from optimizers import LBFGS, NLCG, SGD, Adam, CurveBall, GradientDescent, HessianFree, Newton, Optimizer, OptionError
+from tests import registry
 from validation import checks
-from runner.schema import register_configs
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-METHODS = [SGD, Adam, GradientDescent, Newton, HessianFree, CurveBall, LBFGS, NLCG, KFAC, TorchOptim]
+METHODS = registry.library_classes()
 CONFIG_OVERRIDES = {"newton_cg": {"solver": "cg"}}  # what a config file deliberately changes from the class default
 # A ready config of the torch_optim adapter (soap, adahessian, ...) deliberately names its class and that class's
 # learning rate, options and backward mode (issue 10); its other keys stay at the adapter's defaults.
@@ -33,30 +31,31 @@ def params():
     return nn.Linear(3, 2).parameters()
 
 
-def optimizer_configs():
-    register_configs()
-    names = sorted(p.stem for p in (CONF / "optimizer").glob("*.yaml"))
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return [(n, compose("config", [f"optimizer={n}"]).optimizer) for n in names]
-
-
-CONFIGS = optimizer_configs()
-
-
-@pytest.mark.parametrize("name, node", CONFIGS, ids=[n for n, _ in CONFIGS])
-def test_each_config_lists_exactly_the_options_at_their_defaults(name, node):
-    cls = get_class(node._target_)
+@pytest.mark.parametrize("name", registry.choices())
+def test_each_config_lists_exactly_the_options_at_their_defaults(name):
+    cls, node = registry.method_class(name), registry.options(name)
     fields = {f.name: f for f in dataclasses.fields(cls.Options)}
-    keys = set(node.keys()) - {"_target_", "_partial_"}
-    assert keys == set(fields), f"{name}.yaml and {cls.__name__}.Options differ: {keys ^ set(fields)}"
+    assert set(node) == set(fields), f"{name}.yaml and {cls.__name__}.Options differ: {set(node) ^ set(fields)}"
     defaults = dataclasses.asdict(cls.Options())
     expected = {**defaults, **CONFIG_OVERRIDES.get(name, {})}
-    if node._target_.endswith("TorchOptim") and name != "torch_optim":
+    if registry.is_adapter_choice(name) and name != "torch_optim":
         expected |= {key: node[key] for key in ADAPTER_CHOICES}
-    for key in keys:
+    for key in node:
         assert node[key] == expected[key], f"{name}.{key}: yaml {node[key]!r} vs Options {expected[key]!r}"
-    opt = instantiate(node)(params())
-    assert isinstance(opt, cls)
+    assert isinstance(registry.make(name, params()), cls)
+
+
+def test_every_choice_is_registered():
+    """A library method's choice has its test settings in tests/registry.py (an adapter choice needs none), and every
+    method the library exports has a choice."""
+    unregistered = [n for n in registry.choices() if not registry.is_adapter_choice(n) and n not in registry.METHODS]
+    assert not unregistered, f"add {unregistered} to tests/registry.py METHODS (what the generic tests need to know)"
+    assert set(registry.METHODS) <= set(registry.choices())
+    import optimizers
+
+    exported = {cls for cls in (getattr(optimizers, n) for n in optimizers.__all__)
+                if isinstance(cls, type) and issubclass(cls, Optimizer)} - {Optimizer, optimizers.TorchAdapter}
+    assert exported <= set(METHODS), f"{exported - set(METHODS)} have no conf/optimizer choice"
 
 
 @pytest.mark.parametrize("cls", METHODS, ids=lambda c: c.__name__)
@@ -138,13 +137,8 @@ def test_check_call_reports_builder_arguments_by_key():
             checks.check_call("model", build, kwargs, supplied=supplied)
 
 
-RIDGE_BUDGETS = [(LBFGS, {"tolerance_change": 0.0, "tolerance_grad": 0.0}, 60), (NLCG, {}, 200), (HessianFree, {}, 20),
-                 (Newton, {}, 5), (Newton, {"solver": "cg"}, 10), (CurveBall, {"damping": 1.0}, 300),
-                 (GradientDescent, {"lr": 0.5}, 200), (SGD, {"lr": 0.1}, 800)]
-
-
-@pytest.mark.parametrize("cls, kwargs, steps", RIDGE_BUDGETS, ids=lambda v: getattr(v, "__name__", None))
-def test_weight_decay_reaches_the_ridge_minimiser(cls, kwargs, steps):
+@pytest.mark.parametrize("name", registry.METHODS)
+def test_weight_decay_reaches_the_ridge_minimiser(name):
     """Weight decay is one mechanism for every method (F = L + eta/2 |w|^2 through the shared wrapper): each method
     reaches the closed-form ridge-regression minimiser, solved here with torch.linalg."""
     from optimizers import Objective
@@ -157,7 +151,8 @@ def test_weight_decay_reaches_the_ridge_minimiser(cls, kwargs, steps):
                                2 / (n * o) * a.T @ y)                              # (4, 2): [W^T; b]
     torch.manual_seed(1)
     model = nn.Linear(3, 2).double()
-    opt = cls(model.parameters(), weight_decay=eta, **kwargs)
+    kwargs, steps = registry.METHODS[name].ridge
+    opt = registry.make(name, model.parameters(), weight_decay=eta, **kwargs)
     for _ in range(steps):
         stats = opt.step(Objective(model, "mse", x, y))
     got = torch.cat([model.weight.detach().T, model.bias.detach()[None]])

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.lanczos import lanczos
-from optimizers.diagnostics.operators import as_operator
+from optimizers.diagnostics.operators import Source, as_operator
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
+from optimizers.interface import Curvature
 
 
 @dataclass
@@ -64,7 +64,7 @@ class SpectralDensity(Record):
                 f"{p}_max": float(self.nodes.max()), **cost_scalars(p, self.cost)}
 
 
-def spectral_density(source: Any, num_probes: int = 10, num_steps: int = 50, curvature: str = "hessian",
+def spectral_density(source: Source, num_probes: int = 10, num_steps: int = 50, curvature: Curvature = "hessian",
                      seed: int = 0) -> SpectralDensity:
     """SLQ with ``num_probes`` Rademacher probes of ``num_steps`` Lanczos steps each (full reorthogonalisation);
     cost num_probes * num_steps products (fewer if a probe's Krylov space closes early)."""

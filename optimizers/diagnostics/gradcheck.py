@@ -16,6 +16,7 @@ from torch import Tensor
 
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
+from optimizers.interface import ObjectiveLike
 
 
 @dataclass
@@ -43,8 +44,8 @@ def _directions(grad: Tensor, direction: Tensor | None, num_directions: int, see
     return [probes.unit(grad.numel(), gen, grad.dtype, grad.device) for _ in range(num_directions)]
 
 
-def gradient_check(objective: Any, direction: Tensor | None = None, eps: float = 1e-6, num_directions: int = 3,
-                   seed: int = 0) -> GradientCheck:
+def gradient_check(objective: ObjectiveLike, direction: Tensor | None = None, eps: float = 1e-6,
+                   num_directions: int = 3, seed: int = 0) -> GradientCheck:
     """Compare ``objective.gradient()`` with central differences of ``objective.loss_at`` (seed 001 eq. 31).
 
     ``direction``: one flat direction to test; by default ``num_directions`` random unit directions drawn from a
@@ -67,7 +68,7 @@ def gradient_check(objective: Any, direction: Tensor | None = None, eps: float =
     return GradientCheck(max(errors), errors, analytic, numeric, eps, meter.cost())
 
 
-def finite_difference_check(objective: Any, direction: Tensor | None = None, eps: float = 1e-6,
+def finite_difference_check(objective: ObjectiveLike, direction: Tensor | None = None, eps: float = 1e-6,
                             num_directions: int = 3, seed: int = 0) -> dict[str, Any]:
     """``gradient_check`` as a plain dict (``max_relative_error``, ``relative_errors``, ``directional_derivatives``,
     ``finite_differences``, ``eps``, ``cost``): the original interface."""

@@ -13,12 +13,12 @@ synchronised, which diagnostics can afford and training steps do not pay).
 from __future__ import annotations
 
 import time
-from typing import Any, Protocol
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 
-CURVATURES = ("hessian", "ggn")
+from optimizers.interface import Curvature, ObjectiveLike, checked_curvature
 
 
 class LinearOperator(Protocol):
@@ -57,11 +57,10 @@ class _Counted:
 
 
 class CurvatureOperator(_Counted):
-    """H or G of an Objective (anything with ``hvp``/``ggn_vp``, ``params`` and ``numel``) as an operator."""
+    """H or G of an objective (its ``hvp``/``ggn_vp``, ``params`` and ``numel``) as an operator."""
 
-    def __init__(self, objective: Any, curvature: str = "hessian"):
-        if curvature not in CURVATURES:
-            raise ValueError(f"curvature={curvature!r} is not one of {list(CURVATURES)}.")
+    def __init__(self, objective: ObjectiveLike, curvature: Curvature = "hessian"):
+        checked_curvature(curvature)
         first = objective.params[0]
         super().__init__(first.device)
         self.objective, self.curvature = objective, curvature
@@ -86,8 +85,11 @@ class MatrixOperator(_Counted):
         return self.matrix @ v
 
 
-def as_operator(source: Any, curvature: str = "hessian") -> Any:
+Source = ObjectiveLike | LinearOperator  # what the estimators take: an objective (with a curvature kind) or an operator
+
+
+def as_operator(source: Source, curvature: Curvature = "hessian") -> LinearOperator:
     """``source`` itself when it is already an operator (has ``matvec``), else ``CurvatureOperator(source, ...)``."""
     if hasattr(source, "matvec"):
-        return source
-    return CurvatureOperator(source, curvature)
+        return cast(LinearOperator, source)
+    return CurvatureOperator(cast(ObjectiveLike, source), curvature)

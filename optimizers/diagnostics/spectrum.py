@@ -23,8 +23,9 @@ from torch import Tensor
 
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.lanczos import Krylov, lanczos
-from optimizers.diagnostics.operators import as_operator
+from optimizers.diagnostics.operators import Source, as_operator
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
+from optimizers.interface import Curvature
 
 WHICH = ("largest", "smallest")
 METHODS = ("lanczos", "power")
@@ -52,7 +53,7 @@ class Eigenpairs(Record):
         return {**out, **cost_scalars(f"{self.curvature}_{end}", self.cost)}
 
 
-def eigenpairs(source: Any, k: int = 1, which: str = "largest", curvature: str = "hessian",
+def eigenpairs(source: Source, k: int = 1, which: str = "largest", curvature: Curvature = "hessian",
                method: str = "lanczos", seed: int = 0, **options: Any) -> Eigenpairs:
     """k extreme eigenpairs of ``source`` (an Objective, with ``curvature`` "hessian" or "ggn", or an operator)."""
     if method not in METHODS:
@@ -83,7 +84,7 @@ def _converged_test(k: int, which: str, tol: float, n: int) -> Callable[[Krylov]
     return wanted
 
 
-def lanczos_eigenpairs(source: Any, k: int = 1, which: str = "largest", curvature: str = "hessian",
+def lanczos_eigenpairs(source: Source, k: int = 1, which: str = "largest", curvature: Curvature = "hessian",
                        seed: int = 0, tol: float = 1e-5, max_steps: int | None = None) -> Eigenpairs:
     """Lanczos with full reorthogonalisation; ``max_steps`` defaults to min(n, 3k + 50) (memory: that many vectors)."""
     op = as_operator(source, curvature)
@@ -119,7 +120,7 @@ def _power_one(matvec: Callable[[Tensor], Tensor], b: Tensor, tol: float, max_it
     return mu, b, residual, it
 
 
-def power_iteration(source: Any, k: int = 1, which: str = "largest", curvature: str = "hessian", seed: int = 0,
+def power_iteration(source: Source, k: int = 1, which: str = "largest", curvature: Curvature = "hessian", seed: int = 0,
                     tol: float = 1e-5, max_iters: int = 100) -> Eigenpairs:
     """Power iteration with deflation (seed 000 Algorithm 5 and sec. 15.1), at most ``max_iters`` products per
     try, each stopped when ||B b - mu b|| <= tol |mu| for B = A + shift I - sum_j (lambda_j + shift) v_j v_j^T.

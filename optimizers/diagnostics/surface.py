@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.results import Cost, Meter, Record
+from optimizers.interface import ObjectiveLike
 
 ONE_DIM = ("zero", "weights")
 
@@ -49,7 +49,7 @@ class LossSurface(Record):
                 "surface_seconds": self.cost.seconds}
 
 
-def filter_normalized_direction(objective: Any, seed: int = 0, one_dim: str = "zero") -> Tensor:
+def filter_normalized_direction(objective: ObjectiveLike, seed: int = 0, one_dim: str = "zero") -> Tensor:
     """Li et al. 2018, sec. 4: d ~ N(0, I) per parameter, then for each filter (slice along dim 0 of a weight with
     >= 2 dims: a conv output channel, a linear layer's row) d_f <- d_f / ||d_f|| * ||w_f||. One-dimensional
     parameters (biases, batch-norm scales) get ``one_dim="zero"`` (their ``--xignore biasbn``) or the weights
@@ -77,13 +77,14 @@ def _grid(values: Sequence[float] | Tensor | None, name: str) -> Tensor:
     return grid
 
 
-def _check_direction(objective: Any, d: Tensor, name: str) -> Tensor:
+def _check_direction(objective: ObjectiveLike, d: Tensor, name: str) -> Tensor:
     if d.shape != (objective.numel,):
         raise ValueError(f"{name} must be a flat vector of {objective.numel} entries, got shape {tuple(d.shape)}.")
     return d.detach().to(objective.params[0].dtype)
 
 
-def loss_line(objective: Any, direction: Tensor, distances: Sequence[float] | Tensor | None = None) -> LossLine:
+def loss_line(objective: ObjectiveLike, direction: Tensor,
+              distances: Sequence[float] | Tensor | None = None) -> LossLine:
     """L(w + t d) for t in ``distances`` (default 21 points in [-1, 1]); d is used as given (not normalised)."""
     d = _check_direction(objective, direction, "direction")
     t = _grid(distances, "distances")
@@ -94,7 +95,7 @@ def loss_line(objective: Any, direction: Tensor, distances: Sequence[float] | Te
     return LossLine(t, losses, loss0, meter.cost())
 
 
-def loss_surface(objective: Any, directions: Sequence[Tensor], alphas: Sequence[float] | Tensor | None = None,
+def loss_surface(objective: ObjectiveLike, directions: Sequence[Tensor], alphas: Sequence[float] | Tensor | None = None,
                  betas: Sequence[float] | Tensor | None = None) -> LossSurface:
     """L(w + a d1 + b d2) on the grid alphas x betas (default 21 x 21 points in [-1, 1]^2); one loss per point."""
     if len(directions) != 2:

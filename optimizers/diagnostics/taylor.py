@@ -16,7 +16,6 @@ The gradient, the product and the losses must be of the same loss: use an Object
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +23,7 @@ from torch import Tensor
 from optimizers.diagnostics import probes
 from optimizers.diagnostics.operators import CurvatureOperator
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
+from optimizers.interface import Curvature, ObjectiveLike
 
 
 @dataclass
@@ -61,8 +61,8 @@ def fit_slopes(distances: Tensor, remainders: Tensor, floor: float) -> tuple[Ten
     return slopes, used
 
 
-def taylor_test(objective: Any, direction: Tensor | None = None, distances: Tensor | None = None,
-                curvature: str = "hessian", seed: int = 0) -> TaylorTest:
+def taylor_test(objective: ObjectiveLike, direction: Tensor | None = None, distances: Tensor | None = None,
+                curvature: Curvature = "hessian", seed: int = 0) -> TaylorTest:
     """Seed 000's Taylor test along ``direction`` (normalised to unit length; default a random unit vector from
     ``seed``) at ``distances`` (default 1e-1 ... 1e-6). Cost: one gradient, one product, len(distances) + 1 losses."""
     op = CurvatureOperator(objective, curvature)

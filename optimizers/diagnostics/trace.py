@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
 from optimizers.diagnostics import probes
-from optimizers.diagnostics.operators import as_operator
+from optimizers.diagnostics.operators import Source, as_operator
 from optimizers.diagnostics.results import Cost, Meter, Record, cost_scalars
+from optimizers.interface import Curvature
 
 
 @dataclass
@@ -69,7 +69,7 @@ def _stderr(samples: Tensor) -> float:
     return float(samples.std() / math.sqrt(samples.numel())) if samples.numel() > 1 else float("nan")
 
 
-def hutchinson_trace(source: Any, num_probes: int = 100, curvature: str = "hessian", seed: int = 0,
+def hutchinson_trace(source: Source, num_probes: int = 100, curvature: Curvature = "hessian", seed: int = 0,
                      distribution: str = "rademacher") -> TraceEstimate:
     """Hutchinson's estimate of tr(H) or tr(G) from ``num_probes`` products."""
     _check_count("num_probes", num_probes, 1)
@@ -83,7 +83,7 @@ def hutchinson_trace(source: Any, num_probes: int = 100, curvature: str = "hessi
                          num_probes, samples, meter.cost(op))
 
 
-def hutchinson_diagonal(source: Any, num_probes: int = 100, curvature: str = "hessian", seed: int = 0
+def hutchinson_diagonal(source: Source, num_probes: int = 100, curvature: Curvature = "hessian", seed: int = 0
                         ) -> DiagonalEstimate:
     """Bekas et al. 2007: diag(A) ~ mean of v * (A v) over Rademacher probes v."""
     _check_count("num_probes", num_probes, 1)
@@ -96,7 +96,7 @@ def hutchinson_diagonal(source: Any, num_probes: int = 100, curvature: str = "he
     return DiagonalEstimate(total / num_probes, getattr(op, "curvature", "matrix"), num_probes, meter.cost(op))
 
 
-def hutchpp_trace(source: Any, num_products: int = 99, curvature: str = "hessian", seed: int = 0
+def hutchpp_trace(source: Source, num_products: int = 99, curvature: Curvature = "hessian", seed: int = 0
                   ) -> TraceEstimate:
     """Hutch++ (Meyer et al. 2021, Algorithm 1) with exactly ``num_products`` products: a sketch of about a third of
     them, as many to apply A to its basis, and the rest as Hutchinson probes. Memory: two sketches of n-vectors."""

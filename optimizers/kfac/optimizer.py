@@ -32,12 +32,12 @@ import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer
+from optimizers.interface import ObjectiveLike
 from validation.checks import OptionError, in_range, one_of, option, optional, positive, positive_int
 from optimizers.kfac.factors import Capture, Layer, batch_factors, covered_layers
 from optimizers.kfac.fisher import FISHER_TYPES, hessian_sqrt_signals, sampled_signal
 from optimizers.kfac.preconditioner import DAMPING_MODES, KroneckerBlock
-from optimizers.first_order import ScheduleOptions
-from optimizers.schedules import Scheduled
+from optimizers.schedules import ScheduleOptions, Scheduled
 from optimizers.vec import flatten, unflatten
 
 UNCOVERED = ("sgd", "adam")
@@ -76,7 +76,7 @@ class KFAC(Scheduled, Optimizer):
         self._extra_backwards = 0  # backward passes of Fisher signals in the current step (logged)
 
     # ------------------------------------------------------------------ the step
-    def update(self, objective: Any) -> dict[str, Any]:
+    def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         o = self.options
         layers = self._cover(objective)
         for p in self.params:
@@ -94,7 +94,7 @@ class KFAC(Scheduled, Optimizer):
                     block.decompose()
             inverse_time = clock.seconds
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
-        lr = o.lr * self.lr_scale()
+        lr = self.learning_rate()
         damping = o.damping + float(objective.l2)
         direction, nu = self._direction(grad, lr, damping)
         buffer = self.momentum_buffer.mul_(o.momentum).add_(direction)
@@ -103,7 +103,7 @@ class KFAC(Scheduled, Optimizer):
                 "kfac/inverse_time": inverse_time, "kfac/extra_backwards": self._extra_backwards,
                 "update_norm": lr * buffer.norm(), **objective.stats()}
 
-    def _cover(self, objective: Any) -> dict[str, Layer]:
+    def _cover(self, objective: ObjectiveLike) -> dict[str, Layer]:
         if self.layers is None:
             layers = covered_layers(objective.model, self.params)
             if self.blocks and set(self.blocks) != set(layers):
@@ -117,8 +117,12 @@ class KFAC(Scheduled, Optimizer):
         return self.layers
 
     # ------------------------------------------------------------------ factors
-    def _gradient_and_factors(self, objective: Any, layers: dict[str, Layer]) -> tuple[Tensor, float]:
+    def _gradient_and_factors(self, objective: ObjectiveLike, layers: dict[str, Layer]) -> tuple[Tensor, float]:
         """The loss (gradient in p.grad) and the factor update; returns the loss and the time spent on factors."""
+        if objective.micro_batch_size is not None:
+            raise OptionError("optimizer=kfac reads its factors from one forward and backward pass over the whole "
+                              "batch: objective.micro_batch_size must be null (for less memory, lower "
+                              "trainer.batch_size).")
         kind = self.options.fisher
         clock = _Clock(self.params[0].device)
         with Capture(objective.model, layers) as capture:
@@ -136,8 +140,8 @@ class KFAC(Scheduled, Optimizer):
         return loss, clock.seconds
 
     @staticmethod
-    def _signals(objective: Any, kind: str) -> list[Tensor]:
-        if getattr(objective, "curvature_batch_size", None) is not None:
+    def _signals(objective: ObjectiveLike, kind: str) -> list[Tensor]:
+        if objective.curvature_batch_size is not None:
             raise OptionError("optimizer=kfac takes its factors on the whole batch: objective.curvature_batch_size "
                               "must be null.")
         outputs = objective.outputs()  # the batch's one forward: the hooks record every covered layer's input
@@ -145,7 +149,7 @@ class KFAC(Scheduled, Optimizer):
             return [sampled_signal(objective.loss_fn, outputs)]
         return hessian_sqrt_signals(objective.loss_fn, outputs, objective.targets)
 
-    def _update_factors(self, capture: Capture, layers: dict[str, Layer], objective: Any,
+    def _update_factors(self, capture: Capture, layers: dict[str, Layer], objective: ObjectiveLike,
                         mean_loss_signal: bool) -> None:
         batch = {name: batch_factors(layer, capture.calls[name], mean_loss_signal) for name, layer in layers.items()}
         seen = [name for name, factors in batch.items() if factors is not None]
