@@ -48,10 +48,12 @@ def _split_comment(text: str) -> tuple[str, str]:
 
 def yaml_entries(path: Path) -> list[tuple[str, str, str]]:
     """(dotted key, value as written, comment) for every leaf of a YAML file; comment-only lines right below a leaf
-    that are indented past its key continue the leaf's comment. ``defaults`` and ``# @package`` lines are skipped."""
+    that are indented past its key continue the leaf's comment, and a comment block right above a leaf that has no
+    comment of its own describes it. ``defaults`` and ``# @package`` lines are skipped."""
     entries: list[list[str]] = []
     stack: list[tuple[int, str]] = []
     last_leaf_indent = None
+    above: list[str] = []
     for raw in path.read_text().splitlines():
         stripped = raw.strip()
         if stripped.startswith("#"):
@@ -60,10 +62,13 @@ def yaml_entries(path: Path) -> list[tuple[str, str, str]]:
                 entries[-1][2] = f"{entries[-1][2]} {stripped.lstrip('#').strip()}".strip()
             else:
                 last_leaf_indent = None
+                above.append(stripped.lstrip("#").strip())
             continue
         if not stripped:
             last_leaf_indent = None
+            above = []
             continue
+        comment_above, above = " ".join(above), []
         body, comment = _split_comment(raw)
         match = _YAML_KEY.match(body)
         if not match:
@@ -78,7 +83,7 @@ def yaml_entries(path: Path) -> list[tuple[str, str, str]]:
             continue
         if dotted.split(".")[0] == "defaults":
             continue
-        entries.append([dotted, value, comment])
+        entries.append([dotted, value, comment or comment_above])
         last_leaf_indent = indent
     return [tuple(e) for e in entries]
 
@@ -211,11 +216,14 @@ def options_table(spec: str) -> str:
 
 
 def yaml_table(spec: str) -> str:
+    """Every key of conf/<spec>.yaml (Hydra's own ``hydra.*`` settings left out)."""
     path = CONF / f"{spec}.yaml"
     if not path.exists():
         raise ValueError(f"curvlab:yaml {spec}: no conf/{spec}.yaml")
     rows = ["| key | default | meaning |", "| --- | --- | --- |"]
     for key, value, comment in yaml_entries(path):
+        if key.startswith("hydra.") and not spec.startswith("hydra/"):
+            continue
         rows.append(f"| `{key}` | `{_cell(value)}` | {_cell(comment)} |")
     return f"Generated from `conf/{spec}.yaml`:\n\n" + "\n".join(rows) + "\n"
 
