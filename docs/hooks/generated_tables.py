@@ -204,7 +204,9 @@ def options_table(spec: str) -> str:
     values = OmegaConf.to_container(node, resolve=True)
     yaml_comments = {k: c for k, _, c in yaml_entries(CONF / "optimizer" / f"{choice}.yaml")}
     rows = ["| key | default | accepted | meaning |", "| --- | --- | --- | --- |"]
-    for f in dataclasses.fields(cls.Options):
+    own = set(cls.Options.__dict__.get("__annotations__", {}))
+    fields = sorted(dataclasses.fields(cls.Options), key=lambda f: f.name not in own)  # the method's own keys first
+    for f in fields:
         default = values.get(f.name, None)
         meaning = field_comment(cls.Options, f.name) or yaml_comments.get(f.name, "")
         rows.append(f"| `{f.name}` | `{_cell(_fmt(default))}` | {_cell(describe_check(f.metadata.get('check')))} "
