@@ -315,3 +315,11 @@ def test_every_readme_quickstart_command_runs_as_printed(command, tmp_path_facto
     command = re.sub(r"(^|\s)python(\s)", rf"\1{sys.executable}\2", command)
     done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
+
+
+def test_the_readme_python_example_runs():
+    """The README's library example, executed as printed (digits, one epoch of HF steps)."""
+    blocks = [body for lang, body in _FENCE.findall(_read("README.md")) if lang == "python"]
+    assert blocks, "the README has no python example"
+    for body in blocks:
+        exec(compile(body, "README.md", "exec"), {})
