@@ -311,7 +311,7 @@ def test_every_readme_quickstart_command_runs_as_printed(command, tmp_path_facto
         if not os.environ.get("CURVLAB_DATA"):
             pytest.skip("CURVLAB_DATA is not set")
         command = command.replace("CURVLAB_DATA=/path/to/data", f"CURVLAB_DATA={os.environ['CURVLAB_DATA']}")
-    command = re.sub(r"(?<![\w/])(run\.py|scripts/)", lambda m: str(REPO / m.group(1)), command)
+    command = re.sub(r"(?<![\w/])(run\.py|scripts/)", lambda m: f"{REPO}/{m.group(1)}", command)
     command = re.sub(r"(^|\s)python(\s)", rf"\1{sys.executable}\2", command)
     done = subprocess.run(["bash", "-c", command], cwd=folder, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{command}\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}"
