@@ -1,11 +1,8 @@
-"""Tables and plots from curvlab run and sweep folders: `python scripts/report.py --help` (runner/report/cli.py)."""
+"""Tables and plots from curvlab run and sweep folders: `python scripts/report.py --help`.
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, when not installed
-
-from runner.report.cli import main  # noqa: E402
+The body is `runner.report.cli` (its docstring has the details); this file keeps the command line.
+"""
+from runner.report.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

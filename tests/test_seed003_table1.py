@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "scripts"))
 
-import seed003_table1 as table1  # noqa: E402
+from runner.seeds import seed003_table1 as table1
 
 
 def test_mean_std_counts_the_runs_that_reached():
