@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -46,6 +46,10 @@ from runner.device import synchronize
 from runner.distributed import rank, world_size
 from runner.metrics import JSONLSink
 from runner.seeding import rng_states, set_rng_states
+
+if TYPE_CHECKING:
+    from runner.resume import Resume
+    from runner.state import RunState
 
 FILE = "diagnostics.jsonl"
 
@@ -139,16 +143,16 @@ def diagnostic_batch(train: Dataset, size: int, seed: int, shard: tuple[int, int
 
 
 class Diagnostics:
-    """The in-loop diagnostics of one run: `after_step(run, done)` is the loop's one call, every step."""
+    """The in-loop diagnostics of one run: `after_step(state)` is the loop's one call, every step."""
 
-    def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module,
+    def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module, loss_fn: Any,
                  make_objective: Callable[..., Any], objective_options: dict[str, Any], out: Path | None,
-                 resume: Any) -> None:
+                 resume: Resume | None) -> None:
         """`make_objective(model, loss_fn, x, y, **objective_options, global_batch_size=...)`: how the run builds its
         objectives (runner.train.make_objective: whole, or in micro-batches); `out`: the run folder on the rank that
         writes files (None on the others); `resume`: runner.resume.Resume or None. Checks the options against the
         split and the model (OptionError naming the key)."""
-        self.options, self.make_objective = options, make_objective
+        self.options, self.loss_fn, self.make_objective = options, loss_fn, make_objective
         self.path: Path | None = None  # diagnostics.jsonl, on the rank that writes files
         if options.every is None:
             return
@@ -173,23 +177,23 @@ class Diagnostics:
         every = self.options.every
         return every is not None and (step % every == 0 or (done and self.options.at_end))
 
-    def after_step(self, run: Any, done: bool) -> None:
+    def after_step(self, state: RunState) -> None:
         """When due: run the diagnostics on the current parameters, add their scalars to the step's (pending) row
         and write their records to diagnostics.jsonl. Skipped when the step's loss is not finite."""
-        row = run.metrics.pending[-1]
-        if not self.due(run.step, done) or not math.isfinite(float(row.get("loss", 0.0))):
+        row, device = state.row, state.device
+        if not self.due(state.step, state.done) or not math.isfinite(float(row.get("loss", 0.0))):
             return
-        synchronize(run.device)
+        synchronize(device)
         t0 = time.perf_counter()
-        loss, records = self.evaluate(run.model, run.loss_fn)
-        synchronize(run.device)
+        loss, records = self.evaluate(state.model, self.loss_fn)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         row.update(metric_scalars(loss, records, seconds))
-        if run.device.type == "cuda":  # the diagnostics' peak, kept out of the next step's memory/peak_mb
-            row["diag/peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
-            torch.cuda.reset_peak_memory_stats(run.device)
+        if device.type == "cuda":  # the diagnostics' peak, kept out of the next step's memory/peak_mb
+            row["diag/peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
         if self.path is not None:
-            self.write({"step": run.step, "epoch": run.epoch, "batch_size": self.options.batch_size,
+            self.write({"step": state.step, "epoch": state.epoch, "batch_size": self.options.batch_size,
                         "mode": self.options.mode, "loss": loss, "time": seconds,
                         **{name: record.to_dict() for name, record in records.items()}})
 
@@ -229,15 +233,14 @@ def metric_scalars(loss: float, records: dict[str, Record], seconds: float) -> d
     return out
 
 
-def records_to_keep(resume: Any, out: Path) -> int:
+def records_to_keep(resume: Resume | None, out: Path) -> int:
     """How many records of diagnostics.jsonl a resumed run keeps: those up to the checkpoint's step (copied into
     `out` first when it resumes another folder). 0 for a fresh run."""
     if resume is None:
         return 0
     source = resume.folder / FILE
     lines = source.read_bytes().split(b"\n")[:-1] if source.exists() else []   # complete lines only
-    step = int(resume.state["progress"]["step"])
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if json.loads(line)["step"] <= resume.step]
     if kept and resume.folder != out:
         atomic_write_bytes(out / FILE, b"".join(line + b"\n" for line in kept))
     return len(kept)

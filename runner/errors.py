@@ -69,13 +69,26 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_USER_ERROR if describe_user_error(exc) is not None else EXIT_BUG
 
 
-def describe_disk_full(exc: OSError) -> str:
+def describe_disk_full(exc: OSError, run_folder: str | os.PathLike | None = None) -> str:
+    """The message for a full disk; `run_folder` (the run's output folder) makes it name the folder to resume."""
     where = f" writing {exc.filename}" if exc.filename else ""
+    free = "Free some space (or raise the quota / file-size limit)"
+    if run_folder is None:
+        then = f"{free} and continue with trainer.resume=<the run folder>."
+    elif _has_checkpoint(run_folder):
+        then = f"The last checkpoint is intact. {free} and continue with trainer.resume={os.fspath(run_folder)}"
+    else:
+        then = f"{os.fspath(run_folder)} holds no checkpoint yet, so the run cannot be resumed: {free} and start it again."
     return _one_paragraph(
-        f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl "
-        f"and the last checkpoint is intact. Free some space (or raise the quota / file-size limit) and continue "
-        f"with trainer.resume=<run folder>."
+        f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl. "
+        + then
     )
+
+
+def _has_checkpoint(folder: str | os.PathLike) -> bool:
+    from runner.checkpoint import CHECKPOINT, PREVIOUS  # imports torch: only once a run has failed
+
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (CHECKPOINT, PREVIOUS))
 
 
 def debug_enabled() -> bool:
