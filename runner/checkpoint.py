@@ -90,10 +90,10 @@ def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:
 def unreadable_because(exc: Exception) -> str:
     """Why torch.load(weights_only=True) or the format check refused a file, in a few words."""
     text = " ".join(str(exc).split())
-    refused = re.search(r"unsupported GLOBAL \S+|Unsupported global: GLOBAL \S+", text)
+    refused = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", text)
     if refused:  # weights_only met something other than tensors and plain values: code, or a foreign class
-        return (f"it holds objects a weights_only load refuses ({refused.group(0).rstrip('.,')}): a foreign or "
-                f"hostile file")
+        return (f"it names {refused.group(1).rstrip('.,')}, which a weights_only load refuses (only tensors and plain "
+                f"values are allowed): a foreign or hostile file")
     if "PytorchStreamReader" in text or isinstance(exc, EOFError):
         return f"it is cut short or not a torch.save file ({type(exc).__name__}: {text.split('. ')[0][:120]})"
     return f"{type(exc).__name__}: {text[:160]}"

@@ -72,13 +72,15 @@ def exit_code_for(exc: BaseException) -> int:
 def describe_disk_full(exc: OSError, run_folder: str | os.PathLike | None = None) -> str:
     """The message for a full disk; `run_folder` (the run's output folder) makes it name the folder to resume."""
     where = f" writing {exc.filename}" if exc.filename else ""
-    free = "Free some space (or raise the quota / file-size limit)"
+    limit = "(or raise the quota / file-size limit)"
     if run_folder is None:
-        then = f"{free} and continue with trainer.resume=<the run folder>."
+        then = f"Free some space {limit} and continue with trainer.resume=<the run folder>."
     elif _has_checkpoint(run_folder):
-        then = f"The last checkpoint is intact. {free} and continue with trainer.resume={os.fspath(run_folder)}"
+        then = (f"The last checkpoint is intact. Free some space {limit} and continue with "
+                f"trainer.resume={os.fspath(run_folder)}")
     else:
-        then = f"{os.fspath(run_folder)} holds no checkpoint yet, so the run cannot be resumed: {free} and start it again."
+        then = (f"{os.fspath(run_folder)} holds no checkpoint yet, so the run cannot be resumed: free some space "
+                f"{limit} and start it again.")
     return _one_paragraph(
         f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl. "
         + then
