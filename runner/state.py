@@ -50,6 +50,7 @@ class RunState:
     train_batches: Any                # data.batching: iterable of (inputs, targets), len() = batches per epoch
     metrics: MetricsLogger
     total_steps: int                  # the budget: min(max_steps, max_epochs x batches per epoch)
+    device: torch.device              # where the model and the batches are
     out: Path                         # the run folder
     writer: bool                      # this rank writes files (rank 0)
     config: dict[str, Any]            # the resolved config, saved in every checkpoint
@@ -89,10 +90,6 @@ class RunState:
     def row(self) -> dict[str, Any]:
         """The current step's metric row, not yet written (the evaluation and the diagnostics add to it)."""
         return self.metrics.pending[-1]
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.parameters()).device
 
     # ------------------------------------------------------------------ the loop
     def record_step(self, stats: dict[str, Any], step_time: float, batch_size: int, **columns: Any) -> None:

@@ -112,6 +112,67 @@ def _train(cfg: DictConfig, output_dir: str | Path | None, signals: StopSignals)
         torch.set_num_threads(threads)  # train() may be called again in the same process
 
 
+def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> tuple[RunState, _Parts]:
+    """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
+    trainer = cfg.trainer
+    _check_trainer(trainer)
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    objective_options = _objective_options(cfg.objective)
+    diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
+    if cfg.logger.kind not in ("none", "wandb"):
+        raise ValueError(f"logger.kind={cfg.logger.kind!r} is not a logger. Choose logger=none or logger=wandb.")
+    seed_everything(cfg.seed)
+
+    splits = _build(cfg.dataset, "dataset")
+    model = _build(cfg.model, "model", input_shape=splits.input_shape, num_outputs=splits.num_outputs)
+    model = model.to(device=device, dtype=dtype)
+    shard = (rank(), world_size())  # data parallelism: this rank's part of every global batch (data/batching.py)
+    broadcast_model(model)
+    if shard[0] > 0:
+        torch.manual_seed(cfg.seed + 7919 * shard[0])  # dropout masks differ per rank; rank 0 keeps the 1-rank stream
+    loss_fn = get_loss(splits.loss)
+    train_batches = make_batches(
+        splits.train, batch_size=trainer.batch_size, mode=trainer.batching, device=device, dtype=dtype,
+        seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers, shard=shard,
+    )
+    test_batches = make_batches(
+        splits.test, batch_size=trainer.eval_batch_size, mode="sequential", device=device, dtype=dtype,
+        num_workers=trainer.num_workers, shard=shard,
+    )
+    total_steps, budget, conflict = budget_line(trainer, len(train_batches))
+    optimizer = _call(_build(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
+    optimizer.configure(total_steps=total_steps)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info(
+        f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test samples; {n_params} parameters; "
+        f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
+        + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
+    )
+    (log.warning if conflict else log.info)(budget)
+    diagnostics = Diagnostics(diagnostic_options, splits.train, model, loss_fn, make_objective, objective_options,
+                              out if writer else None, resume)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
+    state = RunState(model, optimizer, train_batches, metrics, total_steps, device, out, writer, config)
+    if resume is not None:
+        state.restore(resume.state)
+        state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
+        log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
+    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics)
+
+
+def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
+    """metrics.jsonl (cut back to the checkpoint's rows when resuming) and W&B; none on ranks other than 0."""
+    if not writer:
+        return []
+    sinks: list[Sink] = [JSONLSink(out / "metrics.jsonl", keep_rows=metrics_rows_to_keep(resume, out))]
+    if cfg.logger.kind == "wandb":
+        previous = resume.state.get("wandb") if resume is not None else None
+        sinks.append(WandbSink(cfg.logger, out, config, resume_from=previous))
+    return sinks
+
+
 @dataclass
 class _Parts:
     """What the loop uses besides the state: built once by `_setup`, never checkpointed."""
@@ -248,67 +309,6 @@ def _record_failure(state: RunState | None, out: Path, exc: BaseException, write
     except OSError:
         pass  # a full disk: the error being raised already says so
     return exc
-
-
-def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> tuple[RunState, _Parts]:
-    """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
-    trainer = cfg.trainer
-    _check_trainer(trainer)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    objective_options = _objective_options(cfg.objective)
-    diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
-    if cfg.logger.kind not in ("none", "wandb"):
-        raise ValueError(f"logger.kind={cfg.logger.kind!r} is not a logger. Choose logger=none or logger=wandb.")
-    seed_everything(cfg.seed)
-
-    splits = _build(cfg.dataset, "dataset")
-    model = _build(cfg.model, "model", input_shape=splits.input_shape, num_outputs=splits.num_outputs)
-    model = model.to(device=device, dtype=dtype)
-    shard = (rank(), world_size())  # data parallelism: this rank's part of every global batch (data/batching.py)
-    broadcast_model(model)
-    if shard[0] > 0:
-        torch.manual_seed(cfg.seed + 7919 * shard[0])  # dropout masks differ per rank; rank 0 keeps the 1-rank stream
-    loss_fn = get_loss(splits.loss)
-    train_batches = make_batches(
-        splits.train, batch_size=trainer.batch_size, mode=trainer.batching, device=device, dtype=dtype,
-        seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers, shard=shard,
-    )
-    test_batches = make_batches(
-        splits.test, batch_size=trainer.eval_batch_size, mode="sequential", device=device, dtype=dtype,
-        num_workers=trainer.num_workers, shard=shard,
-    )
-    total_steps, budget, conflict = budget_line(trainer, len(train_batches))
-    optimizer = _call(_build(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
-    optimizer.configure(total_steps=total_steps)
-
-    n_params = sum(p.numel() for p in model.parameters())
-    log.info(
-        f"{splits.name}: {len(splits.train)} train / {len(splits.test)} test samples; {n_params} parameters; "
-        f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
-        + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
-    )
-    (log.warning if conflict else log.info)(budget)
-    diagnostics = Diagnostics(diagnostic_options, splits.train, model, loss_fn, make_objective, objective_options,
-                              out if writer else None, resume)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
-    state = RunState(model, optimizer, train_batches, metrics, total_steps, out, writer, config)
-    if resume is not None:
-        state.restore(resume.state)
-        state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
-        log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
-    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics)
-
-
-def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
-    """metrics.jsonl (cut back to the checkpoint's rows when resuming) and W&B; none on ranks other than 0."""
-    if not writer:
-        return []
-    sinks: list[Sink] = [JSONLSink(out / "metrics.jsonl", keep_rows=metrics_rows_to_keep(resume, out))]
-    if cfg.logger.kind == "wandb":
-        previous = resume.state.get("wandb") if resume is not None else None
-        sinks.append(WandbSink(cfg.logger, out, config, resume_from=previous))
-    return sinks
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
