@@ -7,8 +7,9 @@
 Exit codes: 0 ok; 1 a bug (a traceback); 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows
 the traceback), including a run folder that holds another run's results; 3 training diverged; 4 interrupted by
 SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after a checkpoint (continue with trainer.resume=<folder>); 5 out of disk space;
-130 a second SIGINT (stopped at once). A sweep (-m, any launcher) reports how many jobs ended ok / diverged /
-interrupted / failed, from their summary.json files, and exits with the worst job's code.
+130 a second SIGINT (stopped at once). A single run exits with the exit_code its summary.json records: once that
+file is written, further stop signals are ignored until the process ends. A sweep (-m, any launcher) reports how many
+jobs ended ok / diverged / interrupted / failed, from their summary.json files, and exits with the worst job's code.
 """
 
 from __future__ import annotations
