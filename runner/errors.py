@@ -21,6 +21,7 @@ EXIT_BUG = 1  # an unexpected exception (a traceback is printed)
 EXIT_INTERRUPTED = 4  # stopped by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after checkpointing: resumable
 EXIT_NO_SPACE = 5  # the disk (or the file-size limit) is full: every complete metrics row and the last checkpoint kept
 EXIT_KILLED = 130  # a second SIGINT: stopped at once, without a new checkpoint
+STATUS_CODES = {"ok": EXIT_OK, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}  # a run that ended normally
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 

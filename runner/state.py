@@ -33,11 +33,11 @@ import torch
 
 from runner.checkpoint import save_checkpoint
 from runner.distributed import gather, rank, world_size
+from runner.errors import STATUS_CODES
 from runner.metrics import MetricsLogger, first_nonfinite
 from runner.seeding import rng_states, set_rng_states
 from runner.wandb_sink import WandbSink
 
-EXIT_CODES = {"ok": 0, "diverged": 3, "interrupted": 4}  # summary.json's exit_code for a run that ended normally
 
 
 @dataclass
@@ -180,7 +180,7 @@ class RunState:
         the first three; for an error or a second Ctrl-C, the one of runner.errors.exit_code_for)."""
         summary = {
             "status": status,
-            "exit_code": EXIT_CODES.get(status) if exit_code is None else exit_code,
+            "exit_code": STATUS_CODES.get(status) if exit_code is None else exit_code,
             "steps": self.step,
             "epochs": self.epoch,
             "samples_seen": self.samples_seen,
