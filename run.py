@@ -7,8 +7,9 @@
 Exit codes: 0 ok; 1 a bug (a traceback); 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows
 the traceback), including a run folder that holds another run's results; 3 training diverged; 4 interrupted by
 SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after a checkpoint (continue with trainer.resume=<folder>); 5 out of disk space;
-130 a second SIGINT (stopped at once). A sweep (-m, any launcher) reports how many jobs ended ok / diverged /
-interrupted / failed, from their summary.json files, and exits with the worst job's code.
+130 a second SIGINT (stopped at once). A single run exits with the exit_code its summary.json records: once that
+file is written, further stop signals are ignored until the process ends. A sweep (-m, any launcher) reports how many
+jobs ended ok / diverged / interrupted / failed, from their summary.json files, and exits with the worst job's code.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from runner.errors import (EXIT_KILLED, EXIT_OK, EXIT_USER_ERROR, debug_enabled,
                            describe_user_error, exit_code_for, is_disk_full)
 from runner.run_dir import register_resolvers
 from runner.schema import register_configs
+from runner.signals import ignore_stop_signals
 from runner import sweep
 
 register_configs()
@@ -40,25 +42,32 @@ def main(cfg: DictConfig) -> float | None:
     """Train; return the tuning objective (cfg.tune, runner/tuning.py) for sweepers such as optuna (None: failed or
     interrupted)."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     from runner import tuning
     from runner.train import train  # imported here: config errors are reported without loading torch
 
+    hydra_config = HydraConfig.get()
+    single = hydra_config.mode == RunMode.RUN
     try:
-        tuning.check(cfg.tune, HydraConfig.get().sweeper)
+        tuning.check(cfg.tune, hydra_config.sweeper)
         result = train(cfg)
     except Exception as exc:  # every job of a sweep runs, whatever another one raised
+        if single:
+            ignore_stop_signals()  # the outcome (and summary.json) is decided: the process ends with this code
         code = exit_code_for(exc)
-        _report_error(exc, code)
+        _report_error(exc, code, hydra_config.runtime.output_dir)
         _fail(code)
         return None
+    if single:
+        ignore_stop_signals()  # summary.json is written: a late Ctrl-C must not turn exit code 4 into 130
     _fail(sweep.STATUS_CODES[result.status])
     if result.status == "interrupted":
         return None
     return tuning.objective_value(cfg.tune, result.output_dir, result.status)
 
 
-def _report_error(exc: BaseException, code: int) -> None:
+def _report_error(exc: BaseException, code: int, run_folder: str) -> None:
     """One paragraph on stderr for known errors; the traceback for bugs (and with CURVLAB_DEBUG=1). In a
     data-parallel run the paragraph names the rank (a bug's too, after its traceback)."""
     from runner.distributed import launch_rank
@@ -68,7 +77,7 @@ def _report_error(exc: BaseException, code: int) -> None:
     if code == 1 or debug_enabled():
         traceback.print_exception(type(exc), exc, exc.__traceback__)
     if is_disk_full(exc):
-        print(f"curvlab: {who}error: {describe_disk_full(exc)}", file=sys.stderr)
+        print(f"curvlab: {who}error: {describe_disk_full(exc, run_folder)}", file=sys.stderr)
     elif code != 1:
         print(f"curvlab: {who}error: {describe_user_error(exc)}", file=sys.stderr)
     elif who:
@@ -83,6 +92,7 @@ if __name__ == "__main__":
         print(f"curvlab: error: {exc}", file=sys.stderr)
         _fail(EXIT_USER_ERROR)
     except KeyboardInterrupt:
+        ignore_stop_signals()  # a third Ctrl-C must not cut this short: summary.json already says 130
         print("curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact).",
               file=sys.stderr)
         _fail(EXIT_KILLED)
@@ -97,4 +107,5 @@ if __name__ == "__main__":
     if "sweep" in sweep.started:
         _fail(sweep.report(sweep.started["sweep"]))
         print(f"curvlab: results in {sweep.started['sweep']}")
+    ignore_stop_signals()  # the exit code is decided: a signal during Python's shutdown must not change it
     sys.exit(_outcome["exit_code"])

@@ -3,7 +3,12 @@
 A dataset whose files are all present but unreadable (an MNIST file cut short, random bytes, a CIFAR folder of
 garbage, labels out of range) is a different problem from a missing dataset and gets its own message naming the
 file. The MNIST checks read only the 8- or 16-byte idx headers and the file sizes (cheap, before torchvision reads the
-files); the CIFAR batches are examined one by one only after torchvision failed on them.
+files); the CIFAR batches are examined one by one only after reading them failed.
+
+CIFAR files are pickles, and a pickle can name any function for the loader to call: a crafted `data_batch_1` in a data
+folder would run code the moment `pickle.load` reads it. Every CIFAR file is therefore read by `load_cifar_file`,
+whose `CIFARUnpickler` resolves only the few names a real CIFAR batch refers to (NumPy's array and dtype rebuilders,
+see `CIFAR_GLOBALS`); any other name is refused before anything is called ("not a CIFAR batch file").
 
 idx format (LeCun et al., "The MNIST database"): a big-endian header, magic 0x00000801 (labels, 1 dimension) or
 0x00000803 (images, 3 dimensions), one 4-byte size per dimension, then the unsigned bytes.
@@ -19,6 +24,53 @@ from typing import Any
 import numpy as np
 
 IDX_MAGIC = {"labels": (0x00000801, 1), "images": (0x00000803, 3)}
+
+# Every global a CIFAR file may name. The originals (Python 2 cPickle, NumPy 1.x) hold dicts of byte strings, lists of
+# ints and strings, and uint8 arrays, which pickle as numpy.core.multiarray._reconstruct(numpy.ndarray, ...) with a
+# numpy.dtype; NumPy 2 writes numpy._core.*, protocol 5 numpy._core.numeric._frombuffer, and Python 3's protocol 2
+# writes bytes as _codecs.encode(text, "latin1"). None of them can call anything else.
+CIFAR_GLOBALS = frozenset({
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),
+})
+
+
+class NotACIFARFile(pickle.UnpicklingError):
+    """A pickle names a function or class that no CIFAR file holds; nothing of it was called."""
+
+
+class CIFARUnpickler(pickle.Unpickler):
+    """pickle.Unpickler that resolves only `CIFAR_GLOBALS`: dicts, lists, strings, bytes, numbers and NumPy arrays
+    load as usual; a file that asks for anything else (os.system, builtins.open, ...) raises NotACIFARFile before the
+    name is even imported."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in CIFAR_GLOBALS:
+            raise NotACIFARFile(f"it asks the loader for {module}.{name}, which no CIFAR batch holds")
+        return super().find_class(module, name)
+
+
+def load_cifar_file(dataset: str, path: str) -> Any:
+    """The content of one CIFAR file (a batch or the meta file) read with `CIFARUnpickler` (latin1, as torchvision
+    reads the Python 2 originals). ValueError naming the file when it is not a pickle or names anything else."""
+    try:
+        with open(path, "rb") as file:
+            return CIFARUnpickler(file, encoding="latin1").load()
+    except NotACIFARFile as exc:
+        raise ValueError(
+            f"Dataset '{dataset}': the file {path} is not a CIFAR batch file: {exc}; a CIFAR file holds only dicts, "
+            f"lists, strings, numbers and NumPy arrays, so it was not loaded (nothing in it ran). Replace it with a "
+            f"good copy (or delete it and set dataset.download=true on a machine with internet access)."
+        ) from None
+    except OSError:
+        raise
+    except Exception as exc:  # noqa: BLE001 -- whatever unpickling random bytes raises
+        detail = " ".join(str(exc).split())[:100]
+        raise corrupt_file_error(dataset, path, f"it is not a pickled CIFAR file ({type(exc).__name__}: {detail})"
+                                 ) from None
 
 
 def corrupt_file_error(dataset: str, path: str, reason: str) -> ValueError:
@@ -79,7 +131,7 @@ def find_bad_cifar_file(dataset: str, folder: str, files: list[str], classes: in
     label_key = "labels" if classes == 10 else "fine_labels"  # CIFAR-100: the fine labels
     for name in files:
         path = os.path.join(folder, name)
-        entry = _unpickle(dataset, path)
+        entry = load_cifar_file(dataset, path)
         if not isinstance(entry, dict):
             raise corrupt_file_error(dataset, path, f"it holds a {type(entry).__name__}, not the dict of a CIFAR file")
         if name == files[-1]:
@@ -94,13 +146,3 @@ def find_bad_cifar_file(dataset: str, folder: str, files: list[str], classes: in
         if len(entry[label_key]) != len(data):
             raise corrupt_file_error(dataset, path, f"it holds {len(data)} images but {len(entry[label_key])} labels")
         check_labels(dataset, path, entry[label_key], classes)
-
-
-def _unpickle(dataset: str, path: str) -> Any:
-    try:
-        with open(path, "rb") as file:
-            return pickle.load(file, encoding="latin1")  # torchvision's own format, from the user's data folder
-    except Exception as exc:  # noqa: BLE001 -- whatever unpickling random bytes raises
-        detail = " ".join(str(exc).split())[:100]
-        raise corrupt_file_error(dataset, path, f"it is not a pickled CIFAR file ({type(exc).__name__}: {detail})"
-                                 ) from None

@@ -3,17 +3,23 @@ formats (keys in REFERENCES.md).
 
 All four are small enough to hold in memory: the uint8 arrays that torchvision reads are normalised once into a
 ``TensorPairDataset``. Only augmented CIFAR training goes through per-sample transforms (and so a DataLoader).
+
+CIFAR's files are pickles: they are read through ``data.integrity.load_cifar_file`` (a restricted unpickler that
+refuses anything but NumPy arrays and plain values), never torchvision's ``pickle.load``, so a crafted file in a data
+folder cannot run code.
 """
 
 from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import check_integrity
 
 from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
-from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file
+from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file, load_cifar_file
 from validation.checks import boolean, fail, optional, positive_int
 
 MNIST_FILES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and t10k-labels-idx1-ubyte"
@@ -76,13 +82,49 @@ def build_fashion_mnist(root: str, download: bool = False, num_train: int | None
     return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, num_train)
 
 
-class _CIFAR10Files(datasets.CIFAR10):
-    """torchvision's CIFAR-10 without the MD5 checks, used when ``download`` is false.
+def _read_cifar(dataset: datasets.CIFAR10, name: str, root: str, train: bool, download: bool) -> None:
+    """torchvision's ``CIFAR10.__init__`` (download, integrity check, batches -> ``data`` (N, 32, 32, 3) uint8 and
+    ``targets``, the meta file -> ``classes``), with every file read by ``load_cifar_file`` instead of
+    ``pickle.load``."""
+    datasets.VisionDataset.__init__(dataset, root)
+    dataset.train = train
+    if download:
+        dataset.download()  # torchvision's: fetches the archive and checks its MD5
+    if not dataset._check_integrity():
+        raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+    folder = os.path.join(dataset.root, dataset.base_folder)
+    entries = [load_cifar_file(name, os.path.join(folder, file))
+               for file, _ in (dataset.train_list if train else dataset.test_list)]
+    dataset.data = np.vstack([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+    dataset.targets = [t for entry in entries for t in (entry["labels"] if "labels" in entry else entry["fine_labels"])]
+    meta = os.path.join(folder, dataset.meta["filename"])
+    if not check_integrity(meta, dataset.meta["md5"]):
+        raise RuntimeError("Dataset metadata file not found or corrupted. You can use download=True to download it")
+    dataset.classes = load_cifar_file(name, meta)[dataset.meta["key"]]
+    dataset.class_to_idx = {label: i for i, label in enumerate(dataset.classes)}
+
+
+class _SafeCIFAR10(datasets.CIFAR10):
+    """torchvision's CIFAR-10 (its ``__getitem__`` and transforms), its files read by the restricted unpickler."""
+
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        _read_cifar(self, "cifar10", root, train, download)
+
+
+class _SafeCIFAR100(datasets.CIFAR100):
+    """torchvision's CIFAR-100, its files read by the restricted unpickler; see ``_SafeCIFAR10``."""
+
+    def __init__(self, root: str, train: bool = True, download: bool = False) -> None:
+        _read_cifar(self, "cifar100", root, train, download)
+
+
+class _CIFAR10Files(_SafeCIFAR10):
+    """CIFAR-10 without the MD5 checks, used when ``download`` is false.
 
     torchvision verifies every batch file against its MD5 in ``_check_integrity`` (and ``batches.meta`` in
-    ``_load_meta``), both through ``check_integrity(path, md5)``, which only tests that the file exists when the MD5
+    ``_read_cifar``), both through ``check_integrity(path, md5)``, which only tests that the file exists when the MD5
     is None. Clearing the MD5s trusts files already on disk (hashing 180 MB at every start is slow, and the tests
-    write small files in the real format). With ``download=True`` the stock class, MD5s included, is used.
+    write small files in the real format). With ``download=True`` the MD5s are checked.
     """
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
@@ -90,8 +132,8 @@ class _CIFAR10Files(datasets.CIFAR10):
     meta = {**datasets.CIFAR10.meta, "md5": None}
 
 
-class _CIFAR100Files(datasets.CIFAR100):
-    """torchvision's CIFAR-100 without the MD5 checks; see ``_CIFAR10Files``."""
+class _CIFAR100Files(_SafeCIFAR100):
+    """CIFAR-100 without the MD5 checks; see ``_CIFAR10Files``."""
 
     train_list = [[name, None] for name, _ in datasets.CIFAR100.train_list]
     test_list = [[name, None] for name, _ in datasets.CIFAR100.test_list]
@@ -142,11 +184,11 @@ def _load_cifar(name: str, cls: type, root: str, folder: str, files: list[str], 
 
 def build_cifar10(root: str, download: bool = False, *, augment: bool = False) -> Splits:
     """``augment``: random crop 32 (pad 4) + horizontal flip per sample, through a DataLoader."""
-    return _cifar("cifar10", datasets.CIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download,
+    return _cifar("cifar10", _SafeCIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download,
                   boolean("dataset.augment", augment))
 
 
 def build_cifar100(root: str, download: bool = False, *, augment: bool = False) -> Splits:
     """``augment`` as for CIFAR-10."""
-    return _cifar("cifar100", datasets.CIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download,
+    return _cifar("cifar100", _SafeCIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download,
                   boolean("dataset.augment", augment))

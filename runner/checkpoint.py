@@ -3,7 +3,8 @@
 Writing (`save_checkpoint`): the state goes to `checkpoint.pt.tmp` in the same folder, is flushed and fsynced, then
 the current `checkpoint.pt` becomes `checkpoint.prev.pt` and the temporary file becomes `checkpoint.pt` (two
 `os.replace` calls, then an fsync of the folder). A crash or a full disk at any moment leaves at least one complete
-checkpoint: `load_latest` takes `checkpoint.pt`, or `checkpoint.prev.pt` when the newer one is missing or unreadable.
+checkpoint: `load_latest` takes `checkpoint.pt`, or `checkpoint.prev.pt` when the newer one is missing or unreadable
+(then with a WARNING naming the unreadable file, why it cannot be read and the steps that will be redone).
 
 Reading (`load_checkpoint`): always `torch.load(..., weights_only=True)`, which only rebuilds tensors and plain
 Python containers, so a checkpoint from someone else cannot run code. To keep it so, everything saved is converted
@@ -13,7 +14,10 @@ by `plain()` to tensors, numbers, strings, None, lists, tuples and string-keyed 
 from __future__ import annotations
 
 import enum
+import json
+import logging
 import os
+import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +30,8 @@ from runner.errors import DiskFullError, is_disk_full
 
 CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 FORMAT = 1  # bump when the layout changes; load_latest refuses other versions
+
+log = logging.getLogger("curvlab")
 
 
 def save_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
@@ -60,18 +66,65 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 
 def load_latest(folder: Path) -> tuple[Path, dict[str, Any]] | None:
     """The newest loadable checkpoint in `folder` (checkpoint.pt, else checkpoint.prev.pt), or None if neither
-    exists. A checkpoint that exists but cannot be read is skipped with a warning naming it."""
-    failures = []
+    exists. A checkpoint.pt that exists but cannot be read (cut short, foreign, or holding code that weights_only
+    refuses) is skipped with a WARNING naming it, why, and the steps the run will redo; ValueError when neither
+    can be read."""
+    failures: list[tuple[Path, str]] = []
     for name in (CHECKPOINT, PREVIOUS):
         path = folder / name
         if not path.exists():
             continue
         try:
-            return path, load_checkpoint(path)
+            state = load_checkpoint(path)
         except Exception as exc:  # noqa: BLE001 -- a truncated or foreign file: try the previous one
-            failures.append(f"{path} ({type(exc).__name__}: {' '.join(str(exc).split())[:120]})")
+            failures.append((path, unreadable_because(exc)))
+            continue
+        if failures:
+            log.warning(_fallback_warning(failures[0], path, state, folder))
+        return path, state
     if failures:
-        raise ValueError(f"no readable checkpoint in {folder}: {'; '.join(failures)}.")
+        raise ValueError(f"no readable checkpoint in {folder}: {'; '.join(f'{p} ({why})' for p, why in failures)}.")
+    return None
+
+
+def unreadable_because(exc: Exception) -> str:
+    """Why torch.load(weights_only=True) or the format check refused a file, in a few words."""
+    text = " ".join(str(exc).split())
+    refused = re.search(r"(?:unsupported GLOBAL|Unsupported global: GLOBAL) (\S+)", text)
+    if refused:  # weights_only met something other than tensors and plain values: code, or a foreign class
+        return (f"it names {refused.group(1).rstrip('.,')}, which a weights_only load refuses (only tensors and plain "
+                f"values are allowed): a foreign or hostile file")
+    if "PytorchStreamReader" in text or isinstance(exc, EOFError):
+        return f"it is cut short or not a torch.save file ({type(exc).__name__}: {text.split('. ')[0][:120]})"
+    return f"{type(exc).__name__}: {text[:160]}"
+
+
+def _fallback_warning(failure: tuple[Path, str], used: Path, state: dict[str, Any], folder: Path) -> str:
+    """checkpoint.pt is unreadable and checkpoint.prev.pt is used: which file, why, and which steps are redone."""
+    path, why = failure
+    step = int(state.get("progress", {}).get("step", 0))
+    lost = _unreadable_step(folder, step)
+    redo = f"steps {step + 1} to {lost[0]} will be redone ({lost[1]})" if lost else \
+        f"the steps after step {step} will be redone"
+    return f"cannot read {path}: {why}. Resuming from {used} (step {step}) instead: {redo}."
+
+
+def _unreadable_step(folder: Path, previous: int) -> tuple[int, str] | None:
+    """The step of the unreadable checkpoint.pt, as far as the run folder tells: summary.json's checkpoint_step, else
+    the last step in metrics.jsonl (the run got that far); only when it lies after the previous checkpoint."""
+    try:
+        recorded = json.loads((folder / "summary.json").read_text(encoding="utf-8")).get("checkpoint_step")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    if isinstance(recorded, int) and recorded > previous:
+        return recorded, f"checkpoint.pt was written at step {recorded}, as summary.json records"
+    try:
+        lines = (folder / "metrics.jsonl").read_bytes().split(b"\n")[:-1]
+        last = int(json.loads(lines[-1])["step"]) if lines else None
+    except (OSError, ValueError, KeyError, TypeError):
+        last = None
+    if last is not None and last > previous:
+        return last, f"metrics.jsonl reached step {last}"
     return None
 
 

@@ -1,5 +1,10 @@
-"""Curvature diagnostics during training: the `diagnostics` config group (conf/diagnostics/; the math lives in
-optimizers/diagnostics).
+"""Curvature diagnostics: the one registry of their names (`DIAGNOSTICS`, used by the training loop and by
+curvlab-diagnose, runner/diagnose.py) and the `diagnostics` config group that runs them during training
+(conf/diagnostics/; the math lives in optimizers/diagnostics).
+
+Names: hessian_top, hessian_bottom, ggn_top, hessian_trace, ggn_trace, hessian_density, ggn_density, taylor,
+gradcheck (during training and in the script), surface and hessian_explicit (the script only: plots, an explicit
+numel^2 matrix). The script also takes its shorthands spectrum, density, trace and full (`SHORTHANDS`).
 
 Every `diagnostics.every` steps (and after the last step, `at_end`) the chosen diagnostics (`what`) run on a FIXED
 diagnostic batch: `batch_size` training samples drawn once, by a generator seeded with `diagnostics.seed` that
@@ -19,17 +24,20 @@ Outputs:
   on the diagnostic batch) and `diag/time` (the whole evaluation, kept out of `wall_time` and `step_time`);
 * `diagnostics.jsonl` in the run folder (rank 0): one JSON record per evaluation with every record's `to_dict()`
   (eigenvalues, residuals, trace samples, density nodes and weights, Taylor remainders; no parameter-sized vectors),
-  appended one complete line at a time like metrics.jsonl and cut back to the checkpoint's step on resume.
+  appended one complete line at a time like metrics.jsonl and cut back to the checkpoint's step on resume;
+* a WARNING in the log, once, when a Taylor test's slopes are nan or rest on too few points (`taylor_note`: in
+  float32 the remainders sink below round-off; the record in diagnostics.jsonl carries the same `note`).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import torch
 from torch.utils.data import Dataset
@@ -37,6 +45,7 @@ from torch.utils.data import Dataset
 from data.base import TensorPairDataset
 from data.batching import shard_bounds
 from optimizers import diagnostics as diag
+from optimizers.diagnostics import probes
 from validation.checks import (Options, boolean, fail, nonnegative_int, one_of, optional, option, positive_int,
                                sequence_of)
 from optimizers.diagnostics.results import Record
@@ -46,6 +55,12 @@ from runner.device import synchronize
 from runner.distributed import rank, world_size
 from runner.metrics import JSONLSink
 from runner.seeding import rng_states, set_rng_states
+
+log = logging.getLogger("curvlab")
+
+if TYPE_CHECKING:
+    from runner.resume import Resume
+    from runner.state import RunState
 
 FILE = "diagnostics.jsonl"
 
@@ -65,18 +80,104 @@ def _density(curvature: str) -> Callable:
     return lambda obj, o: diag.spectral_density(obj, o.slq_probes, o.slq_steps, curvature, seed=o.seed)
 
 
-# name in diagnostics.what -> (objective, options) -> record
-DIAGNOSTICS: dict[str, Callable[[Objective, Any], Record]] = {
-    "hessian_top": _eigenpairs("hessian", "largest"),
-    "hessian_bottom": _eigenpairs("hessian", "smallest"),
-    "ggn_top": _eigenpairs("ggn", "largest"),
-    "hessian_trace": _trace("hessian"),
-    "ggn_trace": _trace("ggn"),
-    "hessian_density": _density("hessian"),
-    "ggn_density": _density("ggn"),
-    "taylor": lambda obj, o: diag.taylor_test(obj, seed=o.seed),
-    "gradcheck": lambda obj, o: diag.gradient_check(obj, seed=o.seed),
+def _taylor(obj: Objective, o: DiagnosticsOptions, direction: torch.Tensor | None = None,
+            distances: torch.Tensor | None = None) -> Record:
+    return diag.taylor_test(obj, direction=direction, distances=distances, seed=o.seed)
+
+
+def _surface(obj: Objective, o: DiagnosticsOptions, radius: float = 1.0, grid: int = 21,
+             top: diag.Eigenpairs | None = None) -> Record:
+    """The loss on a grid**2 square of side 2 radius along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1)."""
+    top = top if top is not None and len(top.eigenvalues) >= 2 else diag.eigenpairs(obj, k=max(2, o.k), seed=o.seed)
+    axis = torch.linspace(-radius, radius, grid)
+    return diag.loss_surface(obj, (top.eigenvectors[0], top.eigenvectors[1]), axis, axis)
+
+
+def _explicit_hessian(obj: Objective, o: DiagnosticsOptions) -> dict[str, Any]:
+    """The explicit Hessian (``Objective.hessian_matrix``, numel^2 memory): its eigenvalues, and seed 000's check of
+    the Hessian-vector product against it (sec. 14.2): ||H s - Hv(s)||_2 for s ~ N(0, I)."""
+    t0 = time.perf_counter()
+    hessian = obj.hessian_matrix(chunk_size=max(1, min(512, 25_600 // obj.inputs.shape[0])))  # columns per vmap
+    seconds = time.perf_counter() - t0
+    values = torch.linalg.eigvalsh(hessian.double())
+    s = probes.draw(obj.numel, probes.generator(o.seed), hessian.dtype, hessian.device, "gaussian")
+    explicit, product = hessian @ s, obj.hvp(s)
+    remainder = float((explicit - product).norm())
+    return {"full_spectrum": {"eigenvalues": values.tolist(), "numel": obj.numel, "seconds": seconds},
+            "hvp_check": {"remainder_norm": remainder, "relative": remainder / float(explicit.norm()),
+                          "direction_norm": float(s.norm()), "dtype": str(hessian.dtype).split(".")[1]}}
+
+
+@dataclass(frozen=True)
+class Diagnostic:
+    """One named diagnostic: `run(objective, options, **extra)` -> a record (`to_dict()`, `scalars()`), with
+    `options` a DiagnosticsOptions (k, probes, trace_method, slq_probes, slq_steps, seed). `in_run`: whether the
+    training loop may run it (the others make plots or an explicit numel^2 matrix: curvlab-diagnose only)."""
+
+    summary: str
+    run: Callable[..., Any]
+    in_run: bool = True
+
+
+# The one registry of diagnostics, for the training loop (diagnostics.what) and curvlab-diagnose (runner/diagnose.py).
+DIAGNOSTICS: dict[str, Diagnostic] = {
+    "hessian_top": Diagnostic("the k largest Hessian eigenvalues and eigenvectors (Lanczos)",
+                              _eigenpairs("hessian", "largest")),
+    "hessian_bottom": Diagnostic("the k smallest Hessian eigenvalues (Lanczos)", _eigenpairs("hessian", "smallest")),
+    "ggn_top": Diagnostic("the k largest GGN eigenvalues (Lanczos)", _eigenpairs("ggn", "largest")),
+    "hessian_trace": Diagnostic("tr(H), Hutchinson or Hutch++ (trace_method)", _trace("hessian")),
+    "ggn_trace": Diagnostic("tr(G), Hutchinson or Hutch++ (trace_method)", _trace("ggn")),
+    "hessian_density": Diagnostic("the Hessian's spectral density (stochastic Lanczos quadrature)",
+                                  _density("hessian")),
+    "ggn_density": Diagnostic("the GGN's spectral density (stochastic Lanczos quadrature)", _density("ggn")),
+    "taylor": Diagnostic("seed 000's Taylor test: remainders of the 0th-, 1st- and 2nd-order models and their slopes "
+                         "(1, 2, 3 when gradient and Hessian are right; needs float64)", _taylor),
+    "gradcheck": Diagnostic("seed 001's finite-difference check of the gradient (float64)",
+                            lambda obj, o: diag.gradient_check(obj, seed=o.seed)),
+    "surface": Diagnostic("the loss along the top-2 Hessian eigenvectors (seed 000 Fig. 15.1; plots)", _surface,
+                          in_run=False),
+    "hessian_explicit": Diagnostic("the explicit Hessian: its full spectrum and a check of the Hessian-vector "
+                                   "product against it (seed 000 sec. 14.2; numel^2 memory)", _explicit_hessian,
+                                   in_run=False),
 }
+IN_RUN = tuple(name for name, d in DIAGNOSTICS.items() if d.in_run)
+
+# Shorthands curvlab-diagnose has always accepted, each a list of registry names. Not accepted in diagnostics.what,
+# where conf/diagnostics/{spectrum,trace,full}.yaml are presets with other contents.
+SHORTHANDS: dict[str, tuple[str, ...]] = {
+    "spectrum": ("hessian_top", "hessian_bottom", "ggn_top"),
+    "density": ("hessian_density",),
+    "trace": ("hessian_trace", "ggn_trace"),
+    "full": ("hessian_explicit",),
+}
+
+
+def _in_run_name(key: str, value: Any) -> str:
+    """A name for diagnostics.what: in the registry and allowed during training."""
+    if value in DIAGNOSTICS and not DIAGNOSTICS[value].in_run:
+        fail(key, value, f"runs only in curvlab-diagnose <run folder> {value} (it needs plots or an explicit matrix). "
+                         f"During training choose from: {', '.join(IN_RUN)}.")
+    if value not in IN_RUN:
+        fail(key, value, f"is not one of: {', '.join(IN_RUN)}.")
+    return value
+
+
+def taylor_note(test: diag.TaylorTest) -> str | None:
+    """Why a Taylor test's slopes are nan or rest on few points (the remainders fell below the round-off floor of
+    its dtype, 1000 eps |L0|: nothing a slope can be fitted to), or None when every slope used 3 points or more."""
+    used = [int(n) for n in test.fitted.sum(dim=1)]
+    if min(used) >= 3:
+        return None
+    dtype = test.direction.dtype
+    floor = 1e3 * torch.finfo(dtype).eps * max(abs(test.loss), torch.finfo(dtype).tiny)
+    points = test.distances.numel()
+    slopes = ", ".join(f"slope{k} {'nan' if n < 2 else f'{float(test.slopes[k]):.2f}'} from {n} of {points} points"
+                       for k, n in enumerate(used) if n < 3)
+    hint = ("; run it in float64 (curvlab-diagnose --dtype float64; in a run, dtype=float64)"
+            if dtype != torch.float64 else "; use larger distances (curvlab-diagnose --h-min -3)")
+    name = str(dtype).removeprefix("torch.")
+    return (f"Taylor test in {name}: {slopes}: the remainders fell below {name}'s round-off floor (1000 eps |L0| = "
+            f"{floor:.1e}), under which they are rounding noise, so these slopes are nan or unreliable{hint}.")
 
 
 @dataclass(frozen=True)
@@ -85,7 +186,7 @@ class DiagnosticsOptions(Options):
 
     group: ClassVar[str] = "diagnostics"
 
-    what: list = option([], sequence_of(one_of(*DIAGNOSTICS)))        # which diagnostics
+    what: list = option([], sequence_of(_in_run_name))                # which diagnostics (IN_RUN)
     every: Optional[int] = option(None, optional(positive_int))        # steps between evaluations; None = never
     at_end: bool = option(True, boolean)                              # also after the last step
     batch_size: int = option(1000, positive_int)                      # the fixed diagnostic (global) batch
@@ -139,17 +240,18 @@ def diagnostic_batch(train: Dataset, size: int, seed: int, shard: tuple[int, int
 
 
 class Diagnostics:
-    """The in-loop diagnostics of one run: `after_step(run, done)` is the loop's one call, every step."""
+    """The in-loop diagnostics of one run: `after_step(state)` is the loop's one call, every step."""
 
-    def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module,
+    def __init__(self, options: DiagnosticsOptions, train: Dataset, model: torch.nn.Module, loss_fn: Any,
                  make_objective: Callable[..., Any], objective_options: dict[str, Any], out: Path | None,
-                 resume: Any) -> None:
+                 resume: Resume | None) -> None:
         """`make_objective(model, loss_fn, x, y, **objective_options, global_batch_size=...)`: how the run builds its
         objectives (runner.train.make_objective: whole, or in micro-batches); `out`: the run folder on the rank that
         writes files (None on the others); `resume`: runner.resume.Resume or None. Checks the options against the
         split and the model (OptionError naming the key)."""
-        self.options, self.make_objective = options, make_objective
+        self.options, self.loss_fn, self.make_objective = options, loss_fn, make_objective
         self.path: Path | None = None  # diagnostics.jsonl, on the rank that writes files
+        self.noted = False  # the Taylor test's round-off note was logged
         if options.every is None:
             return
         if options.batch_size > len(train):
@@ -173,25 +275,31 @@ class Diagnostics:
         every = self.options.every
         return every is not None and (step % every == 0 or (done and self.options.at_end))
 
-    def after_step(self, run: Any, done: bool) -> None:
+    def after_step(self, state: RunState) -> None:
         """When due: run the diagnostics on the current parameters, add their scalars to the step's (pending) row
         and write their records to diagnostics.jsonl. Skipped when the step's loss is not finite."""
-        row = run.metrics.pending[-1]
-        if not self.due(run.step, done) or not math.isfinite(float(row.get("loss", 0.0))):
+        row, device = state.row, state.device
+        if not self.due(state.step, state.done) or not math.isfinite(float(row.get("loss", 0.0))):
             return
-        synchronize(run.device)
+        synchronize(device)
         t0 = time.perf_counter()
-        loss, records = self.evaluate(run.model, run.loss_fn)
-        synchronize(run.device)
+        loss, records = self.evaluate(state.model, self.loss_fn)
+        synchronize(device)
         seconds = time.perf_counter() - t0
         row.update(metric_scalars(loss, records, seconds))
-        if run.device.type == "cuda":  # the diagnostics' peak, kept out of the next step's memory/peak_mb
-            row["diag/peak_mb"] = torch.cuda.max_memory_allocated(run.device) / 2**20
-            torch.cuda.reset_peak_memory_stats(run.device)
+        if device.type == "cuda":  # the diagnostics' peak, kept out of the next step's memory/peak_mb
+            row["diag/peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            torch.cuda.reset_peak_memory_stats(device)
+        dumped = {name: record.to_dict() for name, record in records.items()}
+        note = taylor_note(records["taylor"]) if "taylor" in records else None
+        if note is not None:
+            dumped["taylor"]["note"] = note
+            if not self.noted:  # once per run: the reason does not change from one evaluation to the next
+                log.warning(f"diagnostics at step {state.step}: {note}")
+                self.noted = True
         if self.path is not None:
-            self.write({"step": run.step, "epoch": run.epoch, "batch_size": self.options.batch_size,
-                        "mode": self.options.mode, "loss": loss, "time": seconds,
-                        **{name: record.to_dict() for name, record in records.items()}})
+            self.write({"step": state.step, "epoch": state.epoch, "batch_size": self.options.batch_size,
+                        "mode": self.options.mode, "loss": loss, "time": seconds, **dumped})
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record as one complete, fsynced line (JSONLSink: a failed write is cut off again)."""
@@ -212,7 +320,7 @@ class Diagnostics:
                 objective = self.make_objective(model, loss_fn, self.inputs, self.targets, **self.objective_options,
                                                 global_batch_size=self.options.batch_size)
                 loss = float(objective.loss())
-                records = {name: DIAGNOSTICS[name](objective, self.options) for name in self.options.what}
+                records = {name: DIAGNOSTICS[name].run(objective, self.options) for name in self.options.what}
             finally:
                 for module, training in modes.items():
                     module.training = training
@@ -229,15 +337,14 @@ def metric_scalars(loss: float, records: dict[str, Record], seconds: float) -> d
     return out
 
 
-def records_to_keep(resume: Any, out: Path) -> int:
+def records_to_keep(resume: Resume | None, out: Path) -> int:
     """How many records of diagnostics.jsonl a resumed run keeps: those up to the checkpoint's step (copied into
     `out` first when it resumes another folder). 0 for a fresh run."""
     if resume is None:
         return 0
     source = resume.folder / FILE
     lines = source.read_bytes().split(b"\n")[:-1] if source.exists() else []   # complete lines only
-    step = int(resume.state["progress"]["step"])
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if json.loads(line)["step"] <= resume.step]
     if kept and resume.folder != out:
         atomic_write_bytes(out / FILE, b"".join(line + b"\n" for line in kept))
     return len(kept)

@@ -21,6 +21,7 @@ EXIT_BUG = 1  # an unexpected exception (a traceback is printed)
 EXIT_INTERRUPTED = 4  # stopped by SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after checkpointing: resumable
 EXIT_NO_SPACE = 5  # the disk (or the file-size limit) is full: every complete metrics row and the last checkpoint kept
 EXIT_KILLED = 130  # a second SIGINT: stopped at once, without a new checkpoint
+STATUS_CODES = {"ok": EXIT_OK, "diverged": EXIT_DIVERGED, "interrupted": EXIT_INTERRUPTED}  # a run that ended normally
 
 NO_SPACE_ERRNOS = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 
@@ -69,13 +70,28 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_USER_ERROR if describe_user_error(exc) is not None else EXIT_BUG
 
 
-def describe_disk_full(exc: OSError) -> str:
+def describe_disk_full(exc: OSError, run_folder: str | os.PathLike | None = None) -> str:
+    """The message for a full disk; `run_folder` (the run's output folder) makes it name the folder to resume."""
     where = f" writing {exc.filename}" if exc.filename else ""
+    limit = "(or raise the quota / file-size limit)"
+    if run_folder is None:
+        then = f"Free some space {limit} and continue with trainer.resume=<the run folder>."
+    elif _has_checkpoint(run_folder):
+        then = (f"The last checkpoint is intact. Free some space {limit} and continue with "
+                f"trainer.resume={os.fspath(run_folder)}")
+    else:
+        then = (f"{os.fspath(run_folder)} holds no checkpoint yet, so the run cannot be resumed: free some space "
+                f"{limit} and start it again.")
     return _one_paragraph(
-        f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl "
-        f"and the last checkpoint is intact. Free some space (or raise the quota / file-size limit) and continue "
-        f"with trainer.resume=<run folder>."
+        f"out of disk space{where} ({exc.strerror or exc}). The run stopped: every complete row is in metrics.jsonl. "
+        + then
     )
+
+
+def _has_checkpoint(folder: str | os.PathLike) -> bool:
+    from runner.checkpoint import CHECKPOINT, PREVIOUS  # imports torch: only once a run has failed
+
+    return any(os.path.isfile(os.path.join(folder, name)) for name in (CHECKPOINT, PREVIOUS))
 
 
 def debug_enabled() -> bool:

@@ -12,11 +12,9 @@
 Writing into a folder that already holds results without resuming it is refused (exit 2, naming the folder). A
 resume whose config differs in anything but the budget (BUDGET_KEYS) is refused, naming the keys.
 
-What a checkpoint holds (`capture_state`): the model's parameters and buffers, the optimiser's state, the step,
-samples and wall-clock time so far, the metrics file's row count and the rows not yet written, the last and best
-evaluation values, the batch order (the shuffling generator at the epoch start and the position in the epoch), every
-random generator (Python, NumPy, torch CPU and CUDA) of every rank (a list indexed by rank), the world size, the
-resolved config and the W&B run. Restored in that order, a resumed run repeats the uninterrupted run bit for bit.
+What a checkpoint holds, and how a run is put back where it left off: `RunState.capture` / `restore`
+(runner/state.py). When checkpoint.pt cannot be read, checkpoint.prev.pt is used with a WARNING that names the
+unreadable file, why, and the steps that will be redone (runner/checkpoint.py, `load_latest`).
 """
 
 from __future__ import annotations
@@ -26,13 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from runner.checkpoint import CHECKPOINT, atomic_write_bytes, load_latest
-from runner.distributed import gather, rank, requeued, world_size
+from runner.distributed import requeued, world_size
 from runner.run_dir import refuse_existing, resume_setting
-from runner.seeding import rng_states, set_rng_states
 
 BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.checkpoint", "trainer.checkpoint_every",
                "trainer.checkpoint_every_minutes", "trainer.resume", "trainer.progress")
@@ -47,7 +43,12 @@ class Resume:
 
     @property
     def rows(self) -> int:
+        """metrics.jsonl's row count when the checkpoint was written."""
         return int(self.state["metrics"]["rows"])
+
+    @property
+    def step(self) -> int:
+        return int(self.state["progress"]["step"])
 
 
 def plan_resume(cfg: DictConfig, out: Path) -> Resume | None:
@@ -140,35 +141,3 @@ def metrics_rows_to_keep(resume: Resume | None, out: Path) -> int | None:
                              f"{resume.rows}: the metrics file does not belong to this checkpoint.")
         atomic_write_bytes(out / "metrics.jsonl", b"".join(line + b"\n" for line in lines[: resume.rows]))
     return resume.rows
-
-
-def capture_state(run: Any) -> dict[str, Any]:
-    """Everything `restore_state` needs, from every rank (collective: the random states are gathered)."""
-    ranks = gather({**rng_states(), "batches": run.train_batches.state_dict()})
-    return {
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "progress": {"step": run.step, "epoch": run.epoch, "samples_seen": run.samples_seen,
-                     "wall_time": run.wall_time},
-        "metrics": {"rows": run.metrics.rows_written, "pending": run.metrics.pending_rows(),
-                    "last_row": run.last_row, "last_eval": run.last_eval, "best_accuracy": run.best_accuracy,
-                    "train_losses": [torch.as_tensor(loss).detach().cpu() for loss in run.train_losses]},
-        "rng": ranks,  # indexed by rank
-        "world_size": world_size(),
-        "config": run.config,
-        "wandb": run.wandb_info(),
-    }
-
-
-def restore_state(run: Any, state: dict[str, Any]) -> None:
-    """Put `run` (freshly built from the same config) where the checkpoint left it. The random generators last."""
-    run.model.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    progress, metrics = state["progress"], state["metrics"]
-    run.step, run.samples_seen, run.wall_time = progress["step"], progress["samples_seen"], progress["wall_time"]
-    run.last_row, run.last_eval, run.best_accuracy = metrics["last_row"], metrics["last_eval"], metrics["best_accuracy"]
-    run.train_losses = [loss.to(run.device) for loss in metrics["train_losses"]]
-    run.metrics.restore_pending(metrics["pending"])
-    mine = state["rng"][rank()]
-    run.train_batches.load_state_dict(mine["batches"])
-    set_rng_states(mine)

@@ -5,10 +5,14 @@ misspelled key (`trainer.max_epoch=1`) or a value of the wrong type (`trainer.ma
 config is composed, before anything is built. The `dataset`, `model` and `optimizer` groups stay free-form: their
 keys are the arguments of the `_target_` they instantiate, which is checked when it is called.
 
-Two rules the schema alone cannot enforce are checked by `check_config` before a run starts: Hydra adds a key given
-with `+` (`+trainer.max_step=5`) even to a typed node, so such keys are rejected here like misspelled ones; and a
+Rules the schema alone cannot enforce are checked by `check_config` before a run starts: Hydra adds a key given
+with `+` (`+trainer.max_step=5`) even to a typed node, so such keys are rejected here like misspelled ones; a
 non-finite number (nan, inf) is rejected wherever the runner owns the value or a dataset/model builder receives it
-(the optimizer's own options record checks its keys).
+(the optimizer's own options record checks its keys); `seed` must be an integer >= 0 (it is checked here, by its own
+name, before `diagnostics.seed` and `dataset.seed`, which follow it through `${seed}`, are checked by theirs).
+
+`typed_key` makes an error about a key that only follows another (`diagnostics.seed: ${seed}`) name the key the
+user set (`seed=-1 ...`), whatever the key.
 
 `register_configs()` must run before Hydra composes the config (`run.py` and the tests call it).
 """
@@ -18,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from validation.checks import finite
+from validation.checks import OptionError, finite, nonnegative_int
 from runner.errors import unknown_key_message
 
 
@@ -105,6 +110,7 @@ def check_config(cfg: DictConfig) -> None:
         for key in (cfg[group] if group else cfg):
             if key not in valid and key != "hydra":
                 raise ValueError(unknown_key_message(f"{group}.{key}" if group else str(key), valid))
+    nonnegative_int("seed", cfg.seed)
     for key in cfg:
         if key not in ("optimizer", "hydra"):
             _check_finite(str(key), OmegaConf.to_container(cfg[key], resolve=True)
@@ -121,3 +127,46 @@ def _check_finite(key: str, value: Any) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_finite(f"{key}[{i}]", item)
+
+
+_FOLLOWS = re.compile(r"\$\{([\w.]+)\}")  # a value that is exactly one other key: ${seed}, ${trainer.batch_size}
+
+
+def interpolated_keys(cfg: DictConfig) -> dict[str, str]:
+    """{key: the key it follows} for every value of `cfg` that is exactly `${other.key}` (e.g. diagnostics.seed ->
+    seed, dataset.root -> data_root); the hydra node is skipped."""
+    found: dict[str, str] = {}
+
+    def walk(node: DictConfig, prefix: str) -> None:
+        for key in node:
+            if prefix == "" and key == "hydra":
+                continue
+            child = node._get_node(key)
+            if isinstance(child, DictConfig):
+                walk(child, f"{prefix}{key}.")
+            elif child is not None and child._is_interpolation():
+                match = _FOLLOWS.fullmatch(str(child._value()))
+                if match:
+                    found[f"{prefix}{key}"] = match.group(1)
+
+    walk(cfg, "")
+    return found
+
+
+def typed_key(exc: BaseException, cfg: DictConfig) -> BaseException:
+    """`exc`, or for an OptionError about a key that follows another (`diagnostics.seed=-1 ...`, where
+    diagnostics.seed is `${seed}`) the same error naming the key the user set: `seed=-1 ... (diagnostics.seed follows
+    seed: ${seed}.)`."""
+    if not isinstance(exc, OptionError):
+        return exc
+    message = str(exc)
+    key = message.split("=", 1)[0]
+    follows = interpolated_keys(cfg)
+    source = follows.get(key)
+    while source in follows:  # ${a} -> ${b} -> the key the user set
+        source = follows[source]
+    if source is None:
+        return exc
+    renamed = OptionError(f"{source}{message[len(key):]} ({key} follows {source}: ${{{follows[key]}}}.)")
+    renamed.__suppress_context__ = True
+    return renamed

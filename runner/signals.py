@@ -3,7 +3,12 @@
 What SLURM, submitit and a user send: SIGTERM (scancel, preemption, the end of the time limit), SIGUSR1/SIGUSR2
 (`--signal=...@seconds` before the limit; submitit uses USR2), SIGINT (Ctrl-C). While `StopSignals` is active, each of
 them only records that a stop was requested; the loop finishes the current step, checkpoints, writes summary.json
-with status "interrupted" and returns (runner/train.py). A second SIGINT stops at once (KeyboardInterrupt).
+with status "interrupted" and returns (runner/train.py). A second SIGINT stops at once (KeyboardInterrupt; summary.json
+then records exit code 130). Once the run's outcome is decided and summary.json is being written, the run calls
+`seal()`: a signal after that changes nothing, so the exit code always agrees with summary.json. run.py, whose process
+ends with the run, then ignores the stop signals until it exits (`ignore_stop_signals`): a second Ctrl-C 0.3 s after
+the first, while Python tears down its modules, would otherwise kill the process (exit 130) after summary.json was
+written with 4.
 
 Handlers already installed are respected (as PyTorch Lightning does):
 
@@ -34,6 +39,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.requested: str | None = None
         self.signum: int | None = None
+        self.sealed = False  # the run's outcome is decided: signals are no longer acted on
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -46,11 +52,17 @@ class StopSignals:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 
+    def seal(self) -> None:
+        """The run's outcome is decided (summary.json is about to be written): from now on a stop signal, a second
+        Ctrl-C included, changes nothing."""
+        self.sealed = True
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.requested == "SIGINT":
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        if self.requested is None:
-            self.requested, self.signum = signal.Signals(signum).name, signum
+        if not self.sealed:
+            if signum == signal.SIGINT and self.requested == "SIGINT":
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            if self.requested is None:
+                self.requested, self.signum = signal.Signals(signum).name, signum
         previous = self._previous.get(signum)
         if _user_handler(previous):
             previous(signum, frame)
@@ -67,6 +79,14 @@ class StopSignals:
             print(f"curvlab: submitit did not requeue the job: {exc}", file=sys.stderr)
             return False
         return True
+
+
+def ignore_stop_signals() -> None:
+    """For a process that ends with its run (run.py): from here on the stop signals are ignored, so nothing that
+    arrives after summary.json was written changes the exit code (it is the one summary.json records)."""
+    if threading.current_thread() is threading.main_thread():
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
 
 
 def _submitit_handler(handler: Any) -> bool:

@@ -21,12 +21,12 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from runner.errors import STATUS_CODES
 from runner.run_dir import check_folder
 
 # Exit codes from the least to the most severe (the sweep exits with the worst of its jobs'): ok, diverged,
 # interrupted (resumable), a second Ctrl-C, a user error, a full disk, a bug.
 SEVERITY = (0, 3, 4, 130, 2, 5, 1)
-STATUS_CODES = {"ok": 0, "diverged": 3, "interrupted": 4}
 started: dict[str, Path] = {}  # "sweep" -> the sweep folder of the multirun this process launched
 
 

@@ -1,12 +1,13 @@
 """`train(cfg)`: one run, from a composed config to the files in its output folder.
 
-The loop, in one screen (`_Run.loop`): for each mini-batch build an `Objective` and call `optimizer.step(objective)`;
+The loop (`_loop`, one screen): for each mini-batch build an `Objective` and call `optimizer.step(objective)`;
 record one metric row per step; every `trainer.log_every` steps flush the rows (stopping if the loss turned
 non-finite); evaluate on the test split every `trainer.eval_every` steps (or at each epoch end) and at the end.
-Between two steps (`_Run._at_boundary`): stop when a stop signal arrived (runner/signals.py), checkpoint when due
+Between two steps (`_at_boundary`): stop when a stop signal arrived (runner/signals.py), checkpoint when due
 (runner/checkpoint.py). Wall-clock times cover the training steps only, never evaluation, diagnostics, logging or
-checkpoints.
-A resumed run (runner/resume.py) is rebuilt from the same config and then put where its checkpoint left it.
+checkpoints. Everything the loop advances is one `RunState` (runner/state.py), which also makes the checkpoint and
+summary.json. A resumed run (runner/resume.py) is rebuilt from the same config and then put where its checkpoint
+left it (`RunState.restore`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from validation.checks import check_call, positive_int
 from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.objective import Objective
-from runner.checkpoint import CheckpointSchedule, save_checkpoint
+from runner.checkpoint import CheckpointSchedule
 from runner.device import resolve_device, resolve_dtype, synchronize
 from runner.diagnostics import Diagnostics, diagnostics_options
 from runner.distributed import (any_rank, average_buffers, broadcast_model, close_distributed, init_distributed, rank,
@@ -41,11 +42,12 @@ from runner.distributed import (any_rank, average_buffers, broadcast_model, clos
 from runner.errors import exit_code_for
 from runner.evaluate import evaluate
 from runner.metadata import write_config, write_run_info, write_summary
-from runner.metrics import JSONLSink, MetricsLogger, Sink, first_nonfinite
-from runner.resume import Resume, capture_state, metrics_rows_to_keep, plan_resume, restore_state
-from runner.schema import check_config
+from runner.metrics import JSONLSink, MetricsLogger, Sink
+from runner.resume import Resume, metrics_rows_to_keep, plan_resume
+from runner.schema import check_config, typed_key
 from runner.seeding import seed_everything
 from runner.signals import StopSignals
+from runner.state import RunState
 from runner.wandb_sink import WandbSink
 
 log = logging.getLogger("curvlab")
@@ -67,95 +69,50 @@ def train(cfg: DictConfig, output_dir: str | Path | None = None) -> RunResult:
 
     Raises ValueError / TypeError / FileNotFoundError for bad configuration, before any step is taken; every error
     after the output folder exists leaves a summary.json with status "error". A folder holding another run's results
-    is refused before anything is written into it (runner/resume.py).
+    is refused before anything is written into it (runner/resume.py). The stop signals are handled from the first
+    line to the last (runner/signals.py); once summary.json is written, a late signal changes nothing.
     """
     cfg = copy.deepcopy(cfg)
     cfg.data_root = _data_root(cfg.data_root)
-    init_distributed()
-    try:
-        result, signals = _train(cfg, output_dir)
-    finally:
-        close_distributed()
+    with StopSignals() as signals:
+        init_distributed()
+        try:
+            result = _train(cfg, output_dir, signals)
+        finally:
+            close_distributed()
     if result.status == "interrupted":
         signals.hand_over()  # under submitit: its handler requeues the job (and exits)
     return result
 
 
-def _train(cfg: DictConfig, output_dir: str | Path | None) -> tuple[RunResult, StopSignals]:
+def _train(cfg: DictConfig, output_dir: str | Path | None, signals: StopSignals) -> RunResult:
     out = _output_dir(output_dir)
-    resume = plan_resume(cfg, out)
+    resume = plan_resume(cfg, out)  # from here on the folder is this run's
     writer = rank() == 0  # only rank 0 writes files and reports progress
     if not writer:
         log.setLevel(logging.WARNING)
-    if writer:
-        write_config(cfg, out)
     threads = torch.get_num_threads()
-    run: _Run | None = None
-    with StopSignals() as signals:
-        try:
-            check_config(cfg)
-            if cfg.threads is not None:
-                if cfg.threads < 1:
-                    raise ValueError(f"threads={cfg.threads} must be a positive integer (or null for torch's default).")
-                torch.set_num_threads(cfg.threads)
-            if writer:
-                write_run_info(out)
-            run = _setup(cfg, out, resume, writer)
-            run.loop(cfg.trainer, signals)
-            result = _finish(cfg, run)
-        except BaseException as exc:
-            _record_failure(run, out, exc, writer)
-            raise
-        finally:
-            torch.set_num_threads(threads)  # train() may be called again in the same process
-    return result, signals
-
-
-def _finish(cfg: DictConfig, run: _Run) -> RunResult:
-    """Write the rows still pending, the final checkpoint and summary.json; say how the run ended."""
-    run.flush_rows(None)
-    status = "diverged" if run.diverged_row is not None else "interrupted" if run.stopped_by else "ok"
-    if cfg.trainer.checkpoint or status == "diverged":
-        run.save_checkpoint()
-    run.metrics.close(failed=status != "ok")
-    summary = run.summary(status)
-    if run.writer:
-        write_summary(run.out, summary)
-    if status == "diverged":
-        row = run.diverged_row
-        print(
-            f"curvlab: training diverged: the loss became {row['loss']} at step {row['step']} (epoch "
-            f"{row['epoch']:.2f}); stopped at step {run.step}. The rows logged so far are in metrics.jsonl and the "
-            f"model is in checkpoint.pt. Try a smaller learning rate or more damping.",
-            file=sys.stderr,
-        )
-    if status == "interrupted":
-        saved = f"checkpoint saved; continue with trainer.resume={run.out}" if run.checkpoint_step == run.step else (
-            "no checkpoint (trainer.checkpoint=false), so it cannot be resumed")
-        print(f"curvlab: interrupted by {run.stopped_by} after step {run.step} (epoch {run.epoch:.2f}): {saved}",
-              file=sys.stderr)
-    if run.writer:
-        print(f"curvlab: results in {run.out}")
-    return RunResult(status, run.out, run.step, run.epoch, summary)
-
-
-def _record_failure(run: _Run | None, out: Path, exc: BaseException, writer: bool) -> None:
-    """summary.json for a run that ended with an exception (status "error", or "interrupted" for a second Ctrl-C)."""
-    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
-    error = f"{type(exc).__name__}: {exc}"
-    if run is not None:
-        run.metrics.close(failed=True)
-    if not writer:
-        return
-    summary = run.summary(status, error) if run is not None else {"status": status, "error": error}
-    summary["exit_code"] = exit_code_for(exc)
+    state: RunState | None = None
     try:
-        write_summary(out, summary)
-    except OSError:
-        pass  # a full disk: the error being raised already says so
+        if writer:
+            write_config(cfg, out)
+        check_config(cfg)
+        if cfg.threads is not None:
+            if cfg.threads < 1:
+                raise ValueError(f"threads={cfg.threads} must be a positive integer (or null for torch's default).")
+            torch.set_num_threads(cfg.threads)
+        if writer:
+            write_run_info(out)
+        state, run = _setup(cfg, out, resume, writer)
+        _loop(state, run, cfg.trainer, signals)
+        return _finish(cfg, state, signals)
+    except BaseException as exc:
+        raise _record_failure(state, out, typed_key(exc, cfg), writer, signals)
+    finally:
+        torch.set_num_threads(threads)  # train() may be called again in the same process
 
 
-def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _Run:
+def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> tuple[RunState, _Parts]:
     """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
     trainer = cfg.trainer
     _check_trainer(trainer)
@@ -182,7 +139,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         splits.test, batch_size=trainer.eval_batch_size, mode="sequential", device=device, dtype=dtype,
         num_workers=trainer.num_workers, shard=shard,
     )
-    total_steps = _total_steps(trainer, len(train_batches))
+    total_steps, budget, conflict = budget_line(trainer, len(train_batches))
     optimizer = _call(_build(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
     optimizer.configure(total_steps=total_steps)
 
@@ -192,19 +149,17 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         f"{type(optimizer).__name__}; {total_steps} steps on {device} in {cfg.dtype}"
         + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
     )
-    diagnostics = Diagnostics(diagnostic_options, splits.train, model, make_objective, objective_options,
+    (log.warning if conflict else log.info)(budget)
+    diagnostics = Diagnostics(diagnostic_options, splits.train, model, loss_fn, make_objective, objective_options,
                               out if writer else None, resume)
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
-    run = _Run(model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,
-               classification=splits.loss == "cross_entropy", total_steps=total_steps, out=out, writer=writer,
-               config=config)
+    state = RunState(model, optimizer, train_batches, metrics, total_steps, device, out, writer, config)
     if resume is not None:
-        restore_state(run, resume.state)
-        run.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": run.step}
-        log.info(f"resumed from {resume.checkpoint} at step {run.step} (epoch {run.epoch:.2f})")
-    run.diagnostics = diagnostics
-    return run
+        state.restore(resume.state)
+        state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
+        log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
+    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics)
 
 
 def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
@@ -218,153 +173,142 @@ def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, conf
     return sinks
 
 
-class _Run:
-    """The state of the loop: the step counter, the timers and the metric bookkeeping."""
+@dataclass
+class _Parts:
+    """What the loop uses besides the state: built once by `_setup`, never checkpointed."""
 
-    def __init__(self, model, loss_fn, optimizer, train_batches, test_batches, metrics, device, objective_options,
-                 classification: bool, total_steps: int, out: Path, writer: bool, config: dict[str, Any]) -> None:
-        self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
-        self.train_batches, self.test_batches = train_batches, test_batches
-        self.metrics, self.device, self.objective_options = metrics, device, objective_options
-        self.classification, self.total_steps = classification, total_steps
-        self.out, self.writer, self.config = out, writer, config
-        self.steps_per_epoch = len(train_batches)
-        self.step, self.samples_seen, self.wall_time = 0, 0, 0.0
-        self.diverged_row: dict[str, Any] | None = None
-        self.last_row: dict[str, Any] = {}
-        self.last_eval: dict[str, float] = {}
-        self.best_accuracy: float | None = None
-        self.train_losses: list[Any] = []  # batch losses since the last evaluation -> train/loss (summed at evaluation)
-        self.stopped_by: str | None = None  # the stop signal's name
-        self.checkpoint_step: int | None = None
-        self.resumed_from: dict[str, Any] | None = None
+    loss_fn: Any
+    test_batches: Any
+    classification: bool
+    objective_options: dict[str, Any]
+    diagnostics: Diagnostics
 
-    @property
-    def epoch(self) -> float:
-        return self.step / self.steps_per_epoch
 
-    def loop(self, trainer: DictConfig, signals: StopSignals) -> None:
-        eval_every = trainer.eval_every or self.steps_per_epoch
-        every = (trainer.checkpoint_every, trainer.checkpoint_every_minutes)
-        schedule = CheckpointSchedule(*every) if trainer.checkpoint and every != (None, None) else None
-        show = self.writer and (trainer.progress if trainer.progress is not None else sys.stderr.isatty())
-        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not show, dynamic_ncols=True)
-        self.model.train()
-        with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
-            stop = self._at_boundary(signals, None)  # a signal during the set-up: stop before the first step
-            while self.step < self.total_steps and self.diverged_row is None and not stop:
-                tick = time.perf_counter()
-                for inputs, targets in self.train_batches:
-                    objective = make_objective(self.model, self.loss_fn, inputs, targets, **self.objective_options,
-                                               global_batch_size=self.train_batches.global_batch)
-                    try:
-                        stats = self.optimizer.step(objective)
-                    except Exception as exc:
-                        if not self._diverged_before(exc):
-                            raise
+def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignals) -> None:
+    """Train until the budget is spent, the loss diverges or a stop signal arrives. Evaluation, logging,
+    diagnostics and checkpoints happen between steps and stay out of the step times."""
+    eval_every, log_every = trainer.eval_every or state.steps_per_epoch, trainer.log_every
+    schedule = _checkpoint_schedule(trainer)
+    show = state.writer and (trainer.progress if trainer.progress is not None else sys.stderr.isatty())
+    bar = tqdm(total=state.total_steps, initial=state.step, unit="step", disable=not show, dynamic_ncols=True)
+    state.model.train()
+    with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
+        stop = _at_boundary(state, signals, None)  # a signal during the set-up: stop before the first step
+        while not (state.done or state.diverged or stop):
+            tick = time.perf_counter()
+            for inputs, targets in state.train_batches:  # (B, ...) inputs, (B,) targets: this rank's share
+                objective = make_objective(state.model, run.loss_fn, inputs, targets, **run.objective_options,
+                                           global_batch_size=state.train_batches.global_batch)
+                try:
+                    stats = state.optimizer.step(objective)
+                except Exception as exc:
+                    if _diverged_before(state, exc):
                         break
-                    average_buffers(self.model)  # batch-norm running statistics equal on every rank
-                    synchronize(self.device)
-                    self._record(stats, step_time=time.perf_counter() - tick,
-                                 batch_size=self.train_batches.global_batch)
-                    bar.update()
-                    done = self.step >= self.total_steps
-                    self.diagnostics.after_step(self, done)  # when due: diag/* in this row (runner/diagnostics.py)
-                    if done or self.step % eval_every == 0:
-                        self._evaluate()  # adds eval/* and train/* to this step's row
-                    if done or self.step % eval_every == 0 or self.step % trainer.log_every == 0:
-                        self.flush_rows(bar)  # sets diverged_row when a flushed loss is not finite
-                    stop = not done and self.diverged_row is None and self._at_boundary(signals, schedule)
-                    if done or self.diverged_row is not None or stop:
-                        break
-                    tick = time.perf_counter()  # evaluation, logging and checkpoints stay out of the step times
+                    raise
+                average_buffers(state.model)  # batch-norm running statistics equal on every rank
+                synchronize(state.device)
+                state.record_step(stats, time.perf_counter() - tick, state.train_batches.global_batch,
+                                  **peak_memory(state.device))
+                bar.update()
+                run.diagnostics.after_step(state)  # when due: diag/* in this row (runner/diagnostics.py)
+                evaluating = state.done or state.step % eval_every == 0
+                if evaluating:
+                    state.add_evaluation(evaluate(state.model, run.loss_fn, run.test_batches, run.classification))
+                if evaluating or state.step % log_every == 0:
+                    _flush(state, bar)  # sets state.diverged when a flushed loss is not finite
+                stop = not (state.done or state.diverged) and _at_boundary(state, signals, schedule)
+                if state.done or state.diverged or stop:
+                    break
+                tick = time.perf_counter()  # evaluation, logging and checkpoints stay out of the step times
 
-    def _at_boundary(self, signals: StopSignals, schedule: CheckpointSchedule | None) -> bool:
-        """Between two steps, the same decision on every rank: stop if a stop signal arrived (returns True), else
-        checkpoint if one is due."""
-        stop, save = any_rank(signals.requested is not None, schedule is not None and schedule.due(self.step))
-        if stop:
-            self.stopped_by = signals.requested or "a stop signal on another rank"
-        elif save:
-            self.save_checkpoint()
-            schedule.done()
-        return stop
 
-    def save_checkpoint(self) -> None:
-        """checkpoint.pt for the current step (rank 0 writes it; every rank contributes its random states)."""
-        self.metrics.sync()  # the rows the checkpoint counts are on disk first
-        state = capture_state(self)
-        if self.writer:
-            save_checkpoint(self.out, state)
-        self.checkpoint_step = self.step
+def _at_boundary(state: RunState, signals: StopSignals, schedule: CheckpointSchedule | None) -> bool:
+    """Between two steps, the same decision on every rank: stop if a stop signal arrived (returns True), else
+    checkpoint if one is due."""
+    stop, save = any_rank(signals.requested is not None, schedule is not None and schedule.due(state.step))
+    if stop:
+        state.stopped_by = signals.requested or "a stop signal on another rank"
+    elif save:
+        state.save_checkpoint()
+        schedule.done()
+    return stop
 
-    def _diverged_before(self, exc: Exception) -> bool:
-        """Whether the loss had already become non-finite when the optimizer raised `exc` (then: a divergence)."""
-        self.flush_rows(None)
-        if self.diverged_row is not None:
-            log.warning(f"the optimizer raised {type(exc).__name__} at step {self.step + 1}, after the loss diverged")
-        return self.diverged_row is not None
 
-    def _record(self, stats: dict[str, Any], step_time: float, batch_size: int) -> None:
-        self.step += 1
-        self.samples_seen += batch_size
-        self.wall_time += step_time
-        row = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
-               "wall_time": self.wall_time, "step_time": step_time, **peak_memory(self.device)}
-        for key, value in stats.items():
-            row.setdefault(key, value)
-        if "loss" in stats:
-            self.train_losses.append(stats["loss"])  # stays on the device: no synchronisation, no arithmetic here
-        self.metrics.record(row)
+def _checkpoint_schedule(trainer: DictConfig) -> CheckpointSchedule | None:
+    every = (trainer.checkpoint_every, trainer.checkpoint_every_minutes)
+    return CheckpointSchedule(*every) if trainer.checkpoint and every != (None, None) else None
 
-    def _evaluate(self) -> None:
-        row = self.metrics.pending[-1]
-        if self.train_losses:
-            row["train/loss"] = sum(self.train_losses) / len(self.train_losses)
-        self.train_losses = []
-        row.update(evaluate(self.model, self.loss_fn, self.test_batches, self.classification))
 
-    def flush_rows(self, bar: tqdm | None) -> None:
-        rows = self.metrics.flush()
-        if not rows:
-            return
-        self.last_row = rows[-1]
-        for row in rows:
-            if "eval/loss" in row:
-                self.last_eval = {k: v for k, v in row.items() if k.startswith(("eval/", "train/"))}
-                accuracy = row.get("eval/accuracy")
-                if accuracy is not None and (self.best_accuracy is None or accuracy > self.best_accuracy):
-                    self.best_accuracy = accuracy
-                values = " ".join(f"{key} {value:.4g}" for key, value in self.last_eval.items())
-                log.info(f"step {row['step']} epoch {row['epoch']:.2f} {values}")
-        self.diverged_row = self.diverged_row or first_nonfinite(rows)
-        if bar is not None and "loss" in self.last_row:
-            bar.set_postfix(loss=f"{self.last_row['loss']:.4g}", refresh=False)
+def _flush(state: RunState, bar: tqdm | None) -> None:
+    """Write the pending rows; log each evaluation; show the last loss on the progress bar."""
+    for row in state.flush_rows():
+        if "eval/loss" in row:
+            values = " ".join(f"{key} {value:.4g}" for key, value in row.items() if key.startswith(("eval/", "train/")))
+            log.info(f"step {row['step']} epoch {row['epoch']:.2f} {values}")
+    if bar is not None and "loss" in state.last_row:
+        bar.set_postfix(loss=f"{state.last_row['loss']:.4g}", refresh=False)
 
-    def wandb_info(self) -> dict[str, Any] | None:
-        return next((sink.info for sink in self.metrics.sinks if isinstance(sink, WandbSink)), None)
 
-    def summary(self, status: str, error: str | None = None) -> dict[str, Any]:
-        summary = {
-            "status": status,
-            "exit_code": {"ok": 0, "diverged": 3, "interrupted": 4}.get(status),
-            "steps": self.step,
-            "epochs": self.epoch,
-            "samples_seen": self.samples_seen,
-            "wall_time": self.wall_time,
-            "final_batch_loss": self.last_row.get("loss"),
-            "train_loss": self.last_eval.get("train/loss"),
-            "eval": {k: v for k, v in self.last_eval.items() if k.startswith("eval/")},
-            "best_eval_accuracy": self.best_accuracy,
-            "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
-            "interrupted_by": self.stopped_by,
-            "checkpoint_step": self.checkpoint_step,
-            "resumed_from": self.resumed_from,
-            "wandb": self.wandb_info(),
-        }
-        if error is not None:
-            summary["error"] = error
-        return summary
+def _diverged_before(state: RunState, exc: Exception) -> bool:
+    """Whether the loss had already become non-finite when the optimizer raised `exc` (then: a divergence)."""
+    _flush(state, None)
+    if state.diverged:
+        log.warning(f"the optimizer raised {type(exc).__name__} at step {state.step + 1}, after the loss diverged")
+    return state.diverged
+
+
+def _finish(cfg: DictConfig, state: RunState, signals: StopSignals) -> RunResult:
+    """Write the rows still pending, the final checkpoint and summary.json; say how the run ended."""
+    _flush(state, None)
+    status = "diverged" if state.diverged else "interrupted" if state.stopped_by else "ok"
+    if cfg.trainer.checkpoint or status == "diverged":
+        state.save_checkpoint()
+    state.metrics.close(failed=status != "ok")
+    summary = state.summary(status)
+    signals.seal()  # the outcome is decided: a stop signal from here on changes nothing
+    if state.writer:
+        write_summary(state.out, summary)
+    if status == "diverged":
+        row = state.diverged_row
+        print(
+            f"curvlab: training diverged: the loss became {row['loss']} at step {row['step']} (epoch "
+            f"{row['epoch']:.2f}); stopped at step {state.step}. The rows logged so far are in metrics.jsonl and the "
+            f"model is in checkpoint.pt. Try a smaller learning rate or more damping.",
+            file=sys.stderr,
+        )
+    if status == "interrupted":
+        saved = f"checkpoint saved; continue with trainer.resume={state.out}" if state.checkpoint_step == state.step \
+            else "no checkpoint (trainer.checkpoint=false), so it cannot be resumed"
+        print(f"curvlab: interrupted by {state.stopped_by} after step {state.step} (epoch {state.epoch:.2f}): {saved}",
+              file=sys.stderr)
+    if state.writer:
+        print(f"curvlab: results in {state.out}")
+    return RunResult(status, state.out, state.step, state.epoch, summary)
+
+
+def _record_failure(state: RunState | None, out: Path, exc: BaseException, writer: bool,
+                    signals: StopSignals) -> BaseException:
+    """summary.json for a run that ended with an exception (status "error", or "interrupted" for a second Ctrl-C),
+    with the exit code run.py will end with; returns the exception to raise (a second Ctrl-C while the metric files
+    are closed replaces `exc`)."""
+    try:
+        if state is not None:
+            state.metrics.close(failed=True)
+    except KeyboardInterrupt as stopped:  # a second Ctrl-C while closing (e.g. W&B's upload): stopped at once
+        exc = stopped
+    signals.seal()  # the outcome is decided: a stop signal from here on changes nothing
+    if not writer:
+        return exc
+    status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "error"
+    error = f"{type(exc).__name__}: {exc}"
+    code = exit_code_for(exc)
+    summary = state.summary(status, error, code) if state is not None else {"status": status, "error": error,
+                                                                            "exit_code": code}
+    try:
+        write_summary(out, summary)
+    except OSError:
+        pass  # a full disk: the error being raised already says so
+    return exc
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -407,13 +351,24 @@ def _check_trainer(trainer: DictConfig) -> None:
         )
 
 
-def _total_steps(trainer: DictConfig, steps_per_epoch: int) -> int:
-    limits = []
-    if trainer.max_epochs is not None:
-        limits.append(trainer.max_epochs * steps_per_epoch)
-    if trainer.max_steps is not None:
-        limits.append(trainer.max_steps)
-    return min(limits)
+def budget_line(trainer: DictConfig, steps_per_epoch: int) -> tuple[int, str, bool]:
+    """(total steps, the start-up line that says which limit ends the run and when, whether it is a conflict).
+
+    The run stops at the first of trainer.max_steps and trainer.max_epochs x steps per epoch. A conflict: max_steps
+    is set (its default is null, so someone chose it) but max_epochs ends the run before it (logged as a WARNING)."""
+    epochs, steps = trainer.max_epochs, trainer.max_steps
+    by_epochs = None if epochs is None else epochs * steps_per_epoch
+    epoch_limit = f"trainer.max_epochs={epochs} x {steps_per_epoch} steps per epoch"
+    if steps is None:
+        return by_epochs, f"budget: stops after {by_epochs} steps: {epoch_limit}.", False
+    if by_epochs is None:
+        return steps, (f"budget: stops after {steps} steps: trainer.max_steps={steps} "
+                       f"({steps / steps_per_epoch:.4g} epochs of {steps_per_epoch} steps)."), False
+    if by_epochs < steps:
+        return by_epochs, (f"budget: stops after {by_epochs} steps: {epoch_limit} comes before "
+                           f"trainer.max_steps={steps}; set trainer.max_epochs=null to run {steps} steps."), True
+    ties = "ends together with" if by_epochs == steps else "comes before"
+    return steps, f"budget: stops after {steps} steps: trainer.max_steps={steps} {ties} {epoch_limit}.", False
 
 
 def _data_root(path: str) -> str:

@@ -236,6 +236,53 @@ def test_cifar100(tmp_path):
     )
 
 
+class _WritesAFile:
+    """What a crafted CIFAR batch could hold: unpickling it calls open(marker, "w"), creating the file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@pytest.mark.parametrize("victim", ["data_batch_1", "test_batch", "batches.meta"])
+def test_a_crafted_cifar_file_is_refused_before_it_runs_anything(tmp_path, victim):
+    """A pickle whose __reduce__ would create a file, in place of one of the real-format files: refused by the
+    restricted unpickler with a message naming the file, and the file is never created."""
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    path = tmp_path / "cifar-10-batches-py" / victim
+    path.write_bytes(pickle.dumps({"data": _WritesAFile(marker), "labels": [0]}))
+    with pytest.raises(ValueError, match=rf"Dataset 'cifar10': the file {re.escape(str(path))} is not a CIFAR batch "
+                                         r"file: it asks the loader for (io|builtins)\.open, which no CIFAR batch "
+                                         r"holds; .* so it was not loaded \(nothing in it ran\)"):
+        build_cifar10(str(tmp_path), augment=victim == "test_batch")
+    assert not marker.exists()
+    with open(path, "rb") as file:  # the control: the stock unpickler would have run it
+        pickle.load(file)
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("protocol", [2, 3, 4, 5])
+def test_cifar_files_from_any_pickle_protocol_and_numpy_1_names_load(tmp_path, protocol):
+    """Python 3 pickles of every protocol (NumPy 2 names numpy._core.*; protocol 5 uses _frombuffer), and the NumPy 1
+    names (numpy.core.multiarray._reconstruct) of the original Python 2 files, all load through the restricted
+    unpickler."""
+    from data.integrity import load_cifar_file
+
+    data = np.arange(2 * 3072, dtype=np.int64).astype(np.uint8).reshape(2, 3072)
+    blob = pickle.dumps({"data": data, "labels": [3, 7], "filenames": ["a.png", "b.png"], "n": 2.5, "raw": b"x"},
+                        protocol=protocol)
+    variants = [blob] + ([blob.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")] if protocol == 2
+                         else [])
+    assert protocol != 2 or b"numpy.core.multiarray\n_reconstruct" in variants[1]
+    for i, variant in enumerate(variants):
+        (tmp_path / f"batch{i}").write_bytes(variant)
+        entry = load_cifar_file("cifar10", str(tmp_path / f"batch{i}"))
+        assert np.array_equal(entry["data"], data) and entry["labels"] == [3, 7] and entry["raw"] == b"x"
+
+
 # ---------------------------------------------------------------- ImageNet (ImageFolder of tiny JPEGs)
 
 

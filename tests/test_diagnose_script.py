@@ -1,11 +1,19 @@
-"""scripts/diagnose.py end to end: train a tiny run with run.py, then diagnose its folder (real Hydra, real files)."""
+"""scripts/diagnose.py (= curvlab-diagnose, runner/diagnose.py) end to end: train a tiny run with run.py, then
+diagnose its folder (real Hydra, real files); its names are the training loop's (one registry)."""
 import json
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
+
+from runner.diagnose import expand, main
+from runner.diagnostics import DIAGNOSTICS, IN_RUN, SHORTHANDS, DiagnosticsOptions
+from runner.train import train
+from tests.runs import make_config
+from validation.checks import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,3 +72,48 @@ def test_diagnose_rejects_an_unknown_diagnostic_and_a_folder_without_a_run(tmp_p
     assert bad.returncode == 2 and "unknown diagnostic(s) ['hessian']" in bad.stderr and "Traceback" not in bad.stderr
     empty = run([str(ROOT / "scripts/diagnose.py"), str(tmp_path)], tmp_path)
     assert empty.returncode == 2 and "has no config.yaml" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_a_float32_taylor_test_prints_why_its_slopes_are_nan(tmp_path, capsys):
+    """Issue 19: in float32 the Taylor remainders sink below round-off ("slope nan"); the output says why and what to
+    do, and diagnostics.json carries the same note. In float64 the slopes are fitted and there is no note."""
+    folder = tmp_path / "run"
+    train(make_config("model.hidden=[8]", "model.activation=tanh", "trainer.max_steps=3", "trainer.max_epochs=null"),
+          folder)
+    for dtype in ("float32", "float64"):
+        out = tmp_path / dtype
+        assert main([str(folder), "taylor", "--taylor-directions", "random", "--batch-size", "96", "--dtype", dtype,
+                     "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        record = json.loads((out / "diagnostics.json").read_text())["taylor_random"]
+        if dtype == "float64":
+            assert "note" not in record and "note:" not in printed and abs(record["slopes"][2] - 3) < 0.3
+            continue
+        assert record["slopes"][2] is None  # nan
+        assert record["note"].startswith("Taylor test in float32: ") and "slope2 nan from 0 of 6 points" in record["note"]
+        assert f"  note: {record['note']}" in printed.splitlines()
+        assert "round-off floor" in record["note"] and "curvlab-diagnose --dtype float64" in record["note"]
+
+
+def test_one_registry_of_names_for_the_training_loop_and_the_script(tmp_path, capsys):
+    assert set(IN_RUN) < set(DIAGNOSTICS) and set(DIAGNOSTICS) - set(IN_RUN) == {"surface", "hessian_explicit"}
+    assert DiagnosticsOptions(what=list(IN_RUN), every=1).what == list(IN_RUN)  # every in-run name is a config name
+    with pytest.raises(OptionError, match=r"diagnostics\.what\[0\]=surface runs only in curvlab-diagnose"):
+        DiagnosticsOptions(what=["surface"], every=1)
+    assert all(name in DIAGNOSTICS for names in SHORTHANDS.values() for name in names)
+    assert expand(["spectrum", "hessian_top", "trace", "full", "gradcheck"]) == [
+        "hessian_top", "hessian_bottom", "ggn_top", "hessian_trace", "ggn_trace", "hessian_explicit", "gradcheck"]
+    with pytest.raises(SystemExit) as stopped:
+        main([str(tmp_path), "hessian", "ggn_top"])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith("diagnose: unknown diagnostic(s) ['hessian']; choose from ['hessian_top', ")
+    assert "'surface', 'hessian_explicit'] or the shorthands (spectrum = hessian_top hessian_bottom ggn_top;" in error
+
+
+def test_the_console_scripts_are_the_modules_the_shims_call():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"curvlab-diagnose": "runner.diagnose:main", "curvlab-report": "runner.report.cli:main"}
+    for name, shim in (("curvlab-diagnose", "scripts/diagnose.py"), ("curvlab-report", "scripts/report.py")):
+        module = scripts[name].split(":")[0]
+        assert f"from {module} import main" in (ROOT / shim).read_text()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import signal
@@ -179,6 +180,48 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
     assert not (tmp_path / "run" / (CHECKPOINT + ".tmp")).exists()
 
 
+LATE_SIGNALS = [("SIGINT", 0.3), ("SIGINT", 0.8), ("SIGTERM", 0.3)]  # during the checkpoint: the test above
+
+
+def test_summary_json_agrees_with_the_exit_code_whenever_the_second_signal_comes(tmp_path):
+    """Issue 19: a stop signal, then SIGINT `delay` seconds later, to real `run.py` processes. The second one lands in
+    the last step, the final checkpoint, summary.json, Hydra's teardown or Python's shutdown (which takes ~1 s after a
+    run); before the fix a SIGINT there killed the process (exit 130) after summary.json had recorded 4. Whenever it
+    comes, the exit code is the one summary.json records, and the one line on stderr says the same."""
+    args = [*SMALL, "optimizer=sgd", "trainer.max_steps=100000", "trainer.checkpoint_every=5"]
+    runs = []
+    for i, (first, delay) in enumerate(LATE_SIGNALS):
+        folder = tmp_path / f"run{i}"
+        runs.append((folder, first, delay, start([*args, f"hydra.run.dir={folder}"], tmp_path)))
+
+    def signal_twice(folder: Path, first: str, delay: float, process) -> None:
+        wait_for_rows(folder / "metrics.jsonl", 8, process)
+        process.send_signal(getattr(signal, first))
+        time.sleep(delay)
+        process.send_signal(signal.SIGINT)
+
+    senders = [threading.Thread(target=signal_twice, args=run) for run in runs]
+    for sender in senders:
+        sender.start()
+    for sender in senders:
+        sender.join(300)
+    for folder, first, delay, process in runs:
+        _, stderr = process.communicate(timeout=120)
+        summary = json.loads((folder / "summary.json").read_text())
+        case = f"{first} then SIGINT {delay} s later: exit {process.returncode}, {summary}, {stderr}"
+        assert process.returncode == summary["exit_code"] and summary["status"] == "interrupted", case
+        lines = [line for line in stderr.splitlines() if line.startswith("curvlab:")]
+        if process.returncode == 4:
+            assert lines == [f"curvlab: interrupted by {first} after step {summary['steps']} (epoch "
+                             f"{summary['steps'] / 24:.2f}): checkpoint saved; continue with trainer.resume={folder}"]
+            assert load_checkpoint(folder / CHECKPOINT)["progress"]["step"] == summary["checkpoint_step"]
+        else:
+            assert process.returncode == 130 and first == "SIGINT", case  # after SIGTERM a SIGINT is no 2nd Ctrl-C
+            assert lines == ["curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is "
+                             "intact)."], case
+        assert "Traceback" not in stderr
+
+
 def _signal_after_rows(path: Path, rows: int, signum: int) -> threading.Event:
     """Send ``signum`` to this process once ``path`` has ``rows`` rows; setting the returned event cancels it (so a
     run that failed early never leaves a signal behind for the rest of the test session)."""
@@ -335,15 +378,50 @@ def test_plain_converts_numpy_and_names_what_it_cannot_store():
         plain({"inner": {"state": {0: {"fn": lambda: 0}}}}, "optimizer")
 
 
-def test_a_torn_checkpoint_falls_back_to_the_previous_one(tmp_path):
+def test_a_torn_checkpoint_falls_back_to_the_previous_one_with_a_warning(tmp_path, caplog):
     save_checkpoint(tmp_path, {"progress": {"step": 1}})
     save_checkpoint(tmp_path, {"progress": {"step": 2}})
     assert load_latest(tmp_path)[1]["progress"]["step"] == 2
     (tmp_path / CHECKPOINT).write_bytes((tmp_path / CHECKPOINT).read_bytes()[:100])  # cut short
-    path, state = load_latest(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="curvlab"):
+        path, state = load_latest(tmp_path)
     assert path.name == PREVIOUS and state["progress"]["step"] == 1
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [(
+        "WARNING", f"cannot read {tmp_path / CHECKPOINT}: it is cut short or not a torch.save file (RuntimeError: "
+                   f"PytorchStreamReader failed reading zip archive: failed finding central directory). Resuming from "
+                   f"{tmp_path / PREVIOUS} (step 1) instead: the steps after step 1 will be redone.")]
     (tmp_path / CHECKPOINT).unlink()  # a crash between the two renames
-    assert load_latest(tmp_path)[1]["progress"]["step"] == 1
+    caplog.clear()
+    assert load_latest(tmp_path)[1]["progress"]["step"] == 1 and not caplog.records  # nothing unreadable: silent
+
+
+class _CreatesAFile:
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_hostile_checkpoint_is_not_run_and_the_resume_redoes_the_steps_it_names(tmp_path, caplog):
+    """checkpoint.pt (step 12) replaced by a file whose unpickling would create a file: resuming warns, naming it,
+    why, and the steps 11 to 12 it redoes from checkpoint.prev.pt (step 10), and ends as the uninterrupted run."""
+    args = [*SMALL, "trainer.checkpoint_every=5"]
+    train(make_config(*args, "trainer.max_steps=12"), tmp_path / "first")
+    marker = tmp_path / "pwned"
+    torch.save({"format": 1, "progress": {"step": 12}, "x": _CreatesAFile(marker)}, tmp_path / "first" / CHECKPOINT)
+    with caplog.at_level(logging.WARNING, logger="curvlab"):
+        resumed = train(make_config(*args, "trainer.max_steps=20", f"trainer.resume={tmp_path / 'first'}"),
+                        tmp_path / "resumed")
+    assert not marker.exists()
+    first = tmp_path / "first"
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        f"cannot read {first / CHECKPOINT}: it names io.open, which a weights_only load refuses (only tensors and "
+        f"plain values are allowed): a foreign or hostile file. Resuming from {first / PREVIOUS} (step 10) instead: steps 11 to 12 "
+        f"will be redone (checkpoint.pt was written at step 12, as summary.json records)."]
+    assert resumed.summary["resumed_from"]["step"] == 10
+    train(make_config(*args, "trainer.max_steps=20"), tmp_path / "reference")
+    assert without_times(metrics(tmp_path / "resumed")) == without_times(metrics(tmp_path / "reference"))
 
 
 def test_a_checkpoint_with_code_in_it_is_not_loaded(tmp_path):

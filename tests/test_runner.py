@@ -5,6 +5,7 @@ models and optimizers, real W&B (offline)."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -254,6 +255,13 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
          r"^model.init\[1\]=nan must be a finite number.$"),
         (["+optimizer.lrr=1"], (TypeError, ValueError), r"optimizer.*lrr"),  # ValueError once Options check it
         (["dataset=cifar10", "data_root=EMPTY"], FileNotFoundError, r"Dataset 'cifar10' was not found.*data_root"),
+        # issue 19: the key the user typed, not the one that follows it through ${seed} (diagnostics.seed, dataset.seed)
+        (["seed=-1"], ValueError, r"^seed=-1 must be an integer >= 0\.$"),
+        (["seed=-1", "dataset=sine", "diagnostics=trace"], ValueError, r"^seed=-1 must be an integer >= 0\.$"),
+        (["diagnostics=trace", "diagnostics.trace_method=hutch++", "diagnostics.probes=${trainer.log_every}",
+          "trainer.log_every=2"], ValueError,
+         r"^trainer\.log_every=2 must be at least 3 with diagnostics\.trace_method=hutch\+\+\. \(diagnostics\.probes "
+         r"follows trainer\.log_every: \$\{trainer\.log_every\}\.\)$"),
     ],
 )
 def test_bad_values_raise_one_clear_error(tmp_path, overrides, error, match):
@@ -325,3 +333,33 @@ def test_metrics_logger_converts_tensors_once_and_finds_nonfinite(tmp_path):
     assert first_nonfinite(rows)["step"] == 2
     metrics.close()
     assert read_jsonl(tmp_path / "m.jsonl")[0] == rows[0]  # already on disk after the flush
+
+
+# ---------------------------------------------------------------- the budget, stated at start-up (issue 19)
+
+
+@pytest.mark.parametrize("epochs, steps, expected, conflict", [
+    (10, None, (120, "budget: stops after 120 steps: trainer.max_epochs=10 x 12 steps per epoch."), False),
+    (None, 30, (30, "budget: stops after 30 steps: trainer.max_steps=30 (2.5 epochs of 12 steps)."), False),
+    (10, 200, (120, "budget: stops after 120 steps: trainer.max_epochs=10 x 12 steps per epoch comes before "
+                    "trainer.max_steps=200; set trainer.max_epochs=null to run 200 steps."), True),
+    (10, 50, (50, "budget: stops after 50 steps: trainer.max_steps=50 comes before trainer.max_epochs=10 x 12 steps "
+                  "per epoch."), False),
+    (10, 120, (120, "budget: stops after 120 steps: trainer.max_steps=120 ends together with trainer.max_epochs=10 x "
+                    "12 steps per epoch."), False),
+])
+def test_the_budget_line_names_the_limit_that_ends_the_run(epochs, steps, expected, conflict):
+    from runner.train import budget_line
+
+    trainer = OmegaConf.create({"max_epochs": epochs, "max_steps": steps})
+    assert budget_line(trainer, 12) == (*expected, conflict)
+
+
+def test_max_steps_cut_short_by_max_epochs_is_a_warning_at_start_up(tmp_path, caplog):
+    """digits at batch 128: 12 steps per epoch, so the default max_epochs=10 ends the run at 120, before max_steps."""
+    with caplog.at_level(logging.INFO, logger="curvlab"):
+        result = train(make_config("trainer.max_steps=200", "trainer.log_every=50"), tmp_path)
+    assert result.steps == 120
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == ["budget: stops after 120 steps: trainer.max_epochs=10 x 12 steps per epoch comes before "
+                        "trainer.max_steps=200; set trainer.max_epochs=null to run 200 steps."]

@@ -185,6 +185,9 @@ def test_the_none_file_lists_every_option_at_its_default_and_the_presets_compose
      r"^diagnostics\.evry is not an option of the diagnostics group\. Valid keys: what, every, at_end, batch_size"),
     (["diagnostics=spectrum", "diagnostics.what=[hessian_top,eigen]"],
      r"^diagnostics\.what\[1\]=eigen is not one of: hessian_top, hessian_bottom, ggn_top, hessian_trace"),
+    (["diagnostics=spectrum", "diagnostics.what=[surface]"],
+     r"^diagnostics\.what\[0\]=surface runs only in curvlab-diagnose <run folder> surface \(it needs plots or an "
+     r"explicit matrix\)\. During training choose from: hessian_top, .*, gradcheck\.$"),
     (["diagnostics.what=[ggn_trace]"], r"^diagnostics\.what=\[ggn_trace\] needs diagnostics\.every=N"),
     (["diagnostics.every=10"], r"^diagnostics\.every=10 runs nothing: diagnostics\.what is empty"),
     (["diagnostics=trace", "diagnostics.every=0"], r"^diagnostics\.every=0 must be an integer >= 1\.$"),
@@ -269,3 +272,26 @@ def test_every_model_the_runner_builds(tmp_path, overrides):
     assert row["diag/hessian_trace_products"] == 3 and math.isfinite(row["diag/hessian_trace"])
     assert row.get("diag/hessian_top1", 1.0) > 0 and row.get("diag/ggn_top1", 0.0) >= 0
     assert json.loads((folder / FILE).read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_float32_taylor_test_explains_its_nan_slopes_once(tmp_path, caplog, dtype):
+    """Issue 19: in float32 the second-order remainders sink below round-off, so diag/taylor_slope2 is nan; the log
+    says why (once) and so does the record in diagnostics.jsonl. In float64 the slopes are fitted: no note."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="curvlab"):
+        run(tmp_path / "run", f"dtype={dtype}", "model.hidden=[8]", "model.activation=tanh", "diagnostics.what=[taylor]",
+            "diagnostics.every=3", "diagnostics.batch_size=96")
+    notes = [r.getMessage() for r in caplog.records if "Taylor test" in r.getMessage()]
+    records = read_jsonl(tmp_path / "run" / FILE)
+    if dtype == "float64":
+        assert notes == [] and all("note" not in r["taylor"] for r in records)
+        assert [abs(r["taylor"]["slopes"][2] - 3) < 0.3 for r in records] == [True] * 3
+        return
+    assert len(records) == 3 and all(r["taylor"]["slopes"][2] is None for r in records)  # nan: null in JSON
+    assert len(notes) == 1 and notes[0].startswith("diagnostics at step 3: Taylor test in float32: ")
+    assert "slope2 nan from " in notes[0] and "below float32's round-off floor (1000 eps |L0| = " in notes[0]
+    assert notes[0].endswith("so these slopes are nan or unreliable; run it in float64 (curvlab-diagnose --dtype "
+                             "float64; in a run, dtype=float64).")
+    assert records[0]["taylor"]["note"] == notes[0].removeprefix("diagnostics at step 3: ")

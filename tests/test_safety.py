@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -27,8 +28,8 @@ import numpy as np
 import pytest
 
 from data.vision import build_cifar10, build_mnist
-from runner.checkpoint import CHECKPOINT, load_checkpoint
-from runner.errors import DiskFullError
+from runner.checkpoint import CHECKPOINT, PREVIOUS, load_checkpoint
+from runner.errors import DiskFullError, describe_disk_full
 from runner.gpu_lock import claim_gpu
 from runner.metrics import JSONLSink, read_jsonl
 from runner.run_dir import create_unique
@@ -152,7 +153,9 @@ def test_a_full_disk_while_logging_keeps_every_complete_row_and_the_checkpoint(t
     assert process.returncode == 5, stderr
     lines = curvlab_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr
-    assert lines[0].startswith(f"curvlab: error: out of disk space writing {run / 'metrics.jsonl'} (File too large).")
+    assert lines[0] == (f"curvlab: error: out of disk space writing {run / 'metrics.jsonl'} (File too large). The run "
+                        f"stopped: every complete row is in metrics.jsonl. The last checkpoint is intact. Free some "
+                        f"space (or raise the quota / file-size limit) and continue with trainer.resume={run}")
     data = (run / "metrics.jsonl").read_bytes()
     assert data.endswith(b"\n") and len(data) <= 40_000  # the cut-off row was removed again
     rows = read_jsonl(run / "metrics.jsonl")
@@ -179,6 +182,15 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path)
     assert (run / CHECKPOINT).read_bytes() == before and load_checkpoint(run / CHECKPOINT)["progress"]["step"] == 20
     assert not list(run.glob("*.tmp"))
     assert [row["step"] for row in read_jsonl(run / "metrics.jsonl")] == list(range(1, 26))
+
+
+def test_the_disk_full_message_names_the_run_folder_or_says_it_cannot_be_resumed(tmp_path):
+    error = DiskFullError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    assert describe_disk_full(error, tmp_path).endswith(
+        f"{tmp_path} holds no checkpoint yet, so the run cannot be resumed: free some space (or raise the quota / "
+        f"file-size limit) and start it again.")
+    (tmp_path / PREVIOUS).write_bytes(b"")  # checkpoint.pt torn or gone: the previous one still resumes
+    assert describe_disk_full(error, tmp_path).endswith(f"and continue with trainer.resume={tmp_path}")
 
 
 def test_enospc_on_the_metrics_stream_is_a_disk_full_error(tmp_path):

@@ -1,0 +1,200 @@
+"""`RunState`: everything one training run carries from step to step, and the checkpoint made from it.
+
+The loop (runner/train.py) advances it (`record_step`, `add_evaluation`, `flush_rows`); the diagnostics
+(runner/diagnostics.py) read its step and add to its current `row`; a resumed run (runner/resume.py) is rebuilt from
+the same config and then put back with `restore(saved)`; summary.json is `summary(status)`. Nothing else reads or
+writes its fields one by one.
+
+What a checkpoint holds (`capture()`, written by `save_checkpoint()`; runner/checkpoint.py writes it atomically and
+reads it with `weights_only=True`), format 1:
+
+    model       the model's parameters and buffers (state_dict)
+    optimizer   the optimiser's state_dict
+    progress    step, epoch, samples_seen, wall_time (seconds of training steps only)
+    metrics     rows (metrics.jsonl's row count), pending (rows not yet written), last_row, last_eval,
+                best_accuracy, train_losses (the batch losses since the last evaluation, for train/loss)
+    rng         a list indexed by rank: Python's, NumPy's, torch's CPU and CUDA generator states and the batch order
+                (the shuffling generator at the epoch start and the position in the epoch)
+    world_size  the number of ranks that wrote it
+    config      the resolved config (a resume must match it but for the budget: runner/resume.py)
+    wandb       the W&B run (id, group, mode) or None
+    format      the layout version (runner.checkpoint.FORMAT)
+
+Restored in that order (the random generators last), a resumed run repeats the uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runner.checkpoint import save_checkpoint
+from runner.distributed import gather, rank, world_size
+from runner.errors import STATUS_CODES
+from runner.metrics import MetricsLogger, first_nonfinite
+from runner.seeding import rng_states, set_rng_states
+from runner.wandb_sink import WandbSink
+
+
+
+@dataclass
+class RunState:
+    """The state of one run. The first fields are what the run is made of (built once by runner.train); the others
+    are the counters and the metric bookkeeping the loop advances."""
+
+    model: torch.nn.Module
+    optimizer: Any                    # optimizers.base.Optimizer (state_dict / load_state_dict)
+    train_batches: Any                # data.batching: iterable of (inputs, targets), len() = batches per epoch
+    metrics: MetricsLogger
+    total_steps: int                  # the budget: min(max_steps, max_epochs x batches per epoch)
+    device: torch.device              # where the model and the batches are
+    out: Path                         # the run folder
+    writer: bool                      # this rank writes files (rank 0)
+    config: dict[str, Any]            # the resolved config, saved in every checkpoint
+    # progress
+    step: int = 0
+    samples_seen: int = 0
+    wall_time: float = 0.0            # seconds of training steps only (no evaluation, logging, checkpoints)
+    # metric bookkeeping
+    last_row: dict[str, Any] = field(default_factory=dict)
+    last_eval: dict[str, float] = field(default_factory=dict)       # eval/* and train/* of the last evaluation
+    best_accuracy: float | None = None
+    train_losses: list[Any] = field(default_factory=list)  # batch losses since the last evaluation (on the device)
+    # how the run ends, and where it came from
+    diverged_row: dict[str, Any] | None = None
+    stopped_by: str | None = None     # the stop signal's name
+    checkpoint_step: int | None = None
+    resumed_from: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ reading
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.train_batches)
+
+    @property
+    def epoch(self) -> float:
+        return self.step / self.steps_per_epoch
+
+    @property
+    def done(self) -> bool:
+        return self.step >= self.total_steps
+
+    @property
+    def diverged(self) -> bool:
+        return self.diverged_row is not None
+
+    @property
+    def row(self) -> dict[str, Any]:
+        """The current step's metric row, not yet written (the evaluation and the diagnostics add to it)."""
+        return self.metrics.pending[-1]
+
+    # ------------------------------------------------------------------ the loop
+    def record_step(self, stats: dict[str, Any], step_time: float, batch_size: int, **columns: Any) -> None:
+        """Count one optimiser step and start its row: step, epoch, samples_seen, wall_time, step_time, `columns`
+        (e.g. the peak memory), then the optimiser's `stats` (its loss stays a device tensor: no synchronisation)."""
+        self.step += 1
+        self.samples_seen += batch_size
+        self.wall_time += step_time
+        row = {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+               "wall_time": self.wall_time, "step_time": step_time, **columns}
+        for key, value in stats.items():
+            row.setdefault(key, value)
+        if "loss" in stats:
+            self.train_losses.append(stats["loss"])
+        self.metrics.record(row)
+
+    def add_evaluation(self, values: dict[str, float]) -> None:
+        """Add train/loss (the mean batch loss since the last evaluation) and `values` (eval/*) to the current row."""
+        row = self.row
+        if self.train_losses:
+            row["train/loss"] = sum(self.train_losses) / len(self.train_losses)
+        self.train_losses = []
+        row.update(values)
+
+    def flush_rows(self) -> list[dict[str, Any]]:
+        """Write the pending rows and return them (as Python numbers); keep the last row, the last evaluation and
+        the best accuracy, and note the first non-finite loss (`diverged`)."""
+        rows = self.metrics.flush()
+        if not rows:
+            return rows
+        self.last_row = rows[-1]
+        for row in rows:
+            if "eval/loss" in row:
+                self.last_eval = {k: v for k, v in row.items() if k.startswith(("eval/", "train/"))}
+                accuracy = row.get("eval/accuracy")
+                if accuracy is not None and (self.best_accuracy is None or accuracy > self.best_accuracy):
+                    self.best_accuracy = accuracy
+        self.diverged_row = self.diverged_row or first_nonfinite(rows)
+        return rows
+
+    # ------------------------------------------------------------------ checkpoints
+    def capture(self) -> dict[str, Any]:
+        """What `restore` needs, from every rank (a collective call: the random states are gathered)."""
+        ranks = gather({**rng_states(), "batches": self.train_batches.state_dict()})
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "progress": {"step": self.step, "epoch": self.epoch, "samples_seen": self.samples_seen,
+                         "wall_time": self.wall_time},
+            "metrics": {"rows": self.metrics.rows_written, "pending": self.metrics.pending_rows(),
+                        "last_row": self.last_row, "last_eval": self.last_eval, "best_accuracy": self.best_accuracy,
+                        "train_losses": [torch.as_tensor(loss).detach().cpu() for loss in self.train_losses]},
+            "rng": ranks,  # indexed by rank
+            "world_size": world_size(),
+            "config": self.config,
+            "wandb": self.wandb_info(),
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        """Put this state (freshly built from the same config) where the checkpoint `saved` left it; the random
+        generators last."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        progress, metrics = saved["progress"], saved["metrics"]
+        self.step, self.samples_seen, self.wall_time = progress["step"], progress["samples_seen"], progress["wall_time"]
+        self.last_row, self.last_eval = metrics["last_row"], metrics["last_eval"]
+        self.best_accuracy = metrics["best_accuracy"]
+        self.train_losses = [loss.to(self.device) for loss in metrics["train_losses"]]
+        self.metrics.restore_pending(metrics["pending"])
+        mine = saved["rng"][rank()]
+        self.train_batches.load_state_dict(mine["batches"])
+        set_rng_states(mine)
+
+    def save_checkpoint(self) -> None:
+        """checkpoint.pt for the current step (rank 0 writes it; every rank contributes its random states)."""
+        self.metrics.sync()  # the rows the checkpoint counts are on disk first
+        saved = self.capture()
+        if self.writer:
+            save_checkpoint(self.out, saved)
+        self.checkpoint_step = self.step
+
+    # ------------------------------------------------------------------ the outcome
+    def wandb_info(self) -> dict[str, Any] | None:
+        return next((sink.info for sink in self.metrics.sinks if isinstance(sink, WandbSink)), None)
+
+    def summary(self, status: str, error: str | None = None, exit_code: int | None = None) -> dict[str, Any]:
+        """summary.json: status ok | diverged | interrupted | error and the exit code run.py ends with (0, 3, 4 for
+        the first three; for an error or a second Ctrl-C, the one of runner.errors.exit_code_for)."""
+        summary = {
+            "status": status,
+            "exit_code": STATUS_CODES.get(status) if exit_code is None else exit_code,
+            "steps": self.step,
+            "epochs": self.epoch,
+            "samples_seen": self.samples_seen,
+            "wall_time": self.wall_time,
+            "final_batch_loss": self.last_row.get("loss"),
+            "train_loss": self.last_eval.get("train/loss"),
+            "eval": {k: v for k, v in self.last_eval.items() if k.startswith("eval/")},
+            "best_eval_accuracy": self.best_accuracy,
+            "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
+            "interrupted_by": self.stopped_by,
+            "checkpoint_step": self.checkpoint_step,
+            "resumed_from": self.resumed_from,
+            "wandb": self.wandb_info(),
+        }
+        if error is not None:
+            summary["error"] = error
+        return summary
