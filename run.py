@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -46,6 +47,13 @@ def main(cfg: DictConfig) -> float | None:
 
     try:
         tuning.check(cfg.tune, HydraConfig.get().sweeper)
+        out = Path(HydraConfig.get().runtime.output_dir)
+        finished = sweep.finished_job(cfg, out)
+        if finished is not None:  # continuing a sweep: this job's run is done (runner/sweep.py)
+            status = finished["status"]
+            print(f"curvlab: {out} holds this job's finished run (status {status}); not run again.")
+            _fail(finished.get("exit_code") if finished.get("exit_code") in sweep.SEVERITY else 1)
+            return tuning.objective_value(cfg.tune, out, status) if status != "error" else None
         result = train(cfg)
     except Exception as exc:  # every job of a sweep runs, whatever another one raised
         code = exit_code_for(exc)
@@ -54,6 +62,9 @@ def main(cfg: DictConfig) -> float | None:
         return None
     _fail(sweep.STATUS_CODES[result.status])
     if result.status == "interrupted":
+        if sweep.in_process_sweep():
+            raise sweep.SweepStopped(f"job {result.output_dir.name} was interrupted by "
+                                     f"{result.summary.get('interrupted_by') or 'a stop signal'}")
         return None
     return tuning.objective_value(cfg.tune, result.output_dir, result.status)
 
@@ -82,6 +93,10 @@ if __name__ == "__main__":
     except sweep.FolderRefused as exc:
         print(f"curvlab: error: {exc}", file=sys.stderr)
         _fail(EXIT_USER_ERROR)
+    except sweep.SweepStopped as exc:
+        print(f"curvlab: the sweep stops: {exc}, so no further job was started. Run the same "
+              f"command with trainer.resume=true to continue it (finished jobs are not run again).", file=sys.stderr)
+        _fail(sweep.STATUS_CODES["interrupted"])
     except KeyboardInterrupt:
         print("curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact).",
               file=sys.stderr)

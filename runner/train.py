@@ -46,6 +46,7 @@ from runner.resume import Resume, capture_state, metrics_rows_to_keep, plan_resu
 from runner.schema import check_config
 from runner.seeding import seed_everything
 from runner.signals import StopSignals
+from runner.stopping import StopRules
 from runner.wandb_sink import WandbSink
 
 log = logging.getLogger("curvlab")
@@ -115,6 +116,8 @@ def _finish(cfg: DictConfig, run: _Run) -> RunResult:
     """Write the rows still pending, the final checkpoint and summary.json; say how the run ended."""
     run.flush_rows(None)
     status = "diverged" if run.diverged_row is not None else "interrupted" if run.stopped_by else "ok"
+    if status == "ok" and run.stop_reason is None:
+        run.stop_reason = _budget_reason(cfg.trainer, run.step, run.steps_per_epoch)
     if cfg.trainer.checkpoint or status == "diverged":
         run.save_checkpoint()
     run.metrics.close(failed=status != "ok")
@@ -159,6 +162,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
     """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
     trainer = cfg.trainer
     _check_trainer(trainer)
+    rules = StopRules.from_trainer(trainer)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     objective_options = _objective_options(cfg.objective)
     diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
@@ -174,6 +178,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
     if shard[0] > 0:
         torch.manual_seed(cfg.seed + 7919 * shard[0])  # dropout masks differ per rank; rank 0 keeps the 1-rank stream
     loss_fn = get_loss(splits.loss)
+    rules.check_metric(classification=splits.loss == "cross_entropy")
     train_batches = make_batches(
         splits.train, batch_size=trainer.batch_size, mode=trainer.batching, device=device, dtype=dtype,
         seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers, shard=shard,
@@ -203,7 +208,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> _
         restore_state(run, resume.state)
         run.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": run.step}
         log.info(f"resumed from {resume.checkpoint} at step {run.step} (epoch {run.epoch:.2f})")
-    run.diagnostics = diagnostics
+    run.diagnostics, run.rules = diagnostics, rules
     return run
 
 
@@ -238,6 +243,8 @@ class _Run:
         self.stopped_by: str | None = None  # the stop signal's name
         self.checkpoint_step: int | None = None
         self.resumed_from: dict[str, Any] | None = None
+        self.rules = StopRules()  # trainer.max_time_minutes, trainer.stop_at_target (runner/stopping.py)
+        self.stop_reason: str | None = None  # why a run with status ok ended (summary.json)
 
     @property
     def epoch(self) -> float:
@@ -252,7 +259,8 @@ class _Run:
         self.model.train()
         with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
             stop = self._at_boundary(signals, None)  # a signal during the set-up: stop before the first step
-            while self.step < self.total_steps and self.diverged_row is None and not stop:
+            self.stop_reason = self.rules.out_of_time(self.wall_time) or self.rules.reached(self.last_eval, self.step)
+            while self.step < self.total_steps and self.diverged_row is None and not stop and not self.stop_reason:
                 tick = time.perf_counter()
                 for inputs, targets in self.train_batches:
                     objective = make_objective(self.model, self.loss_fn, inputs, targets, **self.objective_options,
@@ -268,12 +276,15 @@ class _Run:
                     self._record(stats, step_time=time.perf_counter() - tick,
                                  batch_size=self.train_batches.global_batch)
                     bar.update()
-                    done = self.step >= self.total_steps
+                    self.stop_reason = self.rules.out_of_time(self.wall_time)  # evaluated below, then the last step
+                    done = self.step >= self.total_steps or self.stop_reason is not None
                     self.diagnostics.after_step(self, done)  # when due: diag/* in this row (runner/diagnostics.py)
                     if done or self.step % eval_every == 0:
                         self._evaluate()  # adds eval/* and train/* to this step's row
                     if done or self.step % eval_every == 0 or self.step % trainer.log_every == 0:
                         self.flush_rows(bar)  # sets diverged_row when a flushed loss is not finite
+                        self.stop_reason = self.stop_reason or self.rules.reached(self.last_eval, self.step)
+                        done = done or self.stop_reason is not None
                     stop = not done and self.diverged_row is None and self._at_boundary(signals, schedule)
                     if done or self.diverged_row is not None or stop:
                         break
@@ -358,6 +369,7 @@ class _Run:
             "best_eval_accuracy": self.best_accuracy,
             "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
             "interrupted_by": self.stopped_by,
+            "stop_reason": self.stop_reason if status == "ok" else None,
             "checkpoint_step": self.checkpoint_step,
             "resumed_from": self.resumed_from,
             "wandb": self.wandb_info(),
@@ -405,6 +417,13 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ValueError(
             f"trainer.batching={trainer.batching!r} is not a batching mode. Choose one of: {', '.join(BATCHING)}."
         )
+
+
+def _budget_reason(trainer: DictConfig, step: int, steps_per_epoch: int) -> str:
+    """summary.json's stop_reason for a run that completed its step/epoch budget."""
+    if trainer.max_steps is not None and step >= trainer.max_steps:
+        return f"trainer.max_steps={trainer.max_steps}"
+    return f"trainer.max_epochs={trainer.max_epochs}: {step} steps of {steps_per_epoch} per epoch"
 
 
 def _total_steps(trainer: DictConfig, steps_per_epoch: int) -> int:
