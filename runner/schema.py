@@ -43,8 +43,8 @@ class TrainerConfig:
     checkpoint: bool = True  # write checkpoint.pt at the end of the run (and when interrupted or on schedule)
     checkpoint_every: Optional[int] = None  # also checkpoint every N steps (null = no step schedule)
     checkpoint_every_minutes: Optional[float] = 30.0  # ... and/or every M minutes of wall-clock (null = off)
-    max_time_minutes: Optional[float] = None  # also stop once the optimiser steps took M minutes (wall_time; null = off)
-    stop_at_target: Optional[str] = None  # METRIC=VALUE, e.g. eval/accuracy=0.97: stop at the evaluation reaching it
+    max_time_minutes: Optional[float] = None  # also stop once the optimiser steps took M minutes (wall_time; null: off)
+    stop_at_target: Optional[str] = None  # METRIC:VALUE, e.g. eval/accuracy:0.97: stop at the evaluation reaching it
     resume: Any = None  # null (auto: resume only a requeued job) | true (this folder) | false | <run folder>
 
 

@@ -4,9 +4,10 @@
                               step times, without evaluation, logging and checkpoints (AlgoPerf's budget also leaves
                               evaluation out, Dahl et al. 2023 sec. 4). The step that crosses the budget is evaluated
                               and is the last one, so the curve ends with an evaluation.
-    trainer.stop_at_target    METRIC=VALUE (eval/accuracy=0.97, eval/loss=0.012; the direction as in the report's
-                              --target, runner/report/quantities.py): stop after the evaluation that first reaches it
-                              (AlgoPerf stops a run at its validation target).
+    trainer.stop_at_target    METRIC:VALUE (eval/accuracy:0.97, eval/loss:0.012; METRIC=VALUE too, quoted on the
+                              command line; the direction as in the report's --target, runner/report/quantities.py:
+                              at least VALUE for accuracies, at most VALUE otherwise): stop after the evaluation that
+                              first reaches it (AlgoPerf stops a run at its validation target).
 
 Either ends the run with status ok; summary.json's `stop_reason` says which rule ended it (it names the rule's key
 first, then what was measured), or names the step/epoch budget when that ended it. Every rank takes the same
@@ -26,17 +27,21 @@ class StopRules:
     def __init__(self, max_time_minutes: float | None = None, stop_at_target: str | None = None) -> None:
         if max_time_minutes is not None and not (isinstance(max_time_minutes, (int, float))
                                                  and math.isfinite(max_time_minutes) and max_time_minutes > 0):
-            raise ValueError(f"trainer.max_time_minutes={max_time_minutes} must be a positive number of minutes (or "
-                             f"null for no wall-clock budget).")
+            shown = f"{max_time_minutes:g}" if isinstance(max_time_minutes, (int, float)) else max_time_minutes
+            raise ValueError(f"trainer.max_time_minutes={shown} must be a positive number of minutes (or null for no "
+                             f"wall-clock budget).")
         self.minutes = max_time_minutes
         self.target: q.Target | None = None
         if stop_at_target is not None:
+            text = str(stop_at_target)
+            if "=" not in text and ":" in text:  # METRIC:VALUE, the form Hydra's command line takes unquoted
+                text = "=".join(text.rsplit(":", 1))
             try:
-                self.target = q.parse_target(str(stop_at_target))
+                self.target = q.parse_target(text)
             except ValueError:
-                raise ValueError(f"trainer.stop_at_target={stop_at_target} is not METRIC=VALUE. Examples: "
-                                 f"trainer.stop_at_target=eval/accuracy=0.97 (stop once at least 0.97), "
-                                 f"trainer.stop_at_target=eval/loss=0.012 (at most 0.012).") from None
+                raise ValueError(f"trainer.stop_at_target={stop_at_target} is not METRIC:VALUE. Examples: "
+                                 f"trainer.stop_at_target=eval/accuracy:0.97 (stop once at least 0.97), "
+                                 f"trainer.stop_at_target=eval/loss:0.012 (at most 0.012).") from None
 
     @classmethod
     def from_trainer(cls, trainer: Any) -> StopRules:
@@ -67,4 +72,4 @@ class StopRules:
         value = last_eval.get(self.target.metric)
         if value is None or not math.isfinite(value) or not self.target.reached(value):
             return None
-        return f"trainer.stop_at_target={self.target.metric}={self.target.value:g}: {value:.6g} at step {step}"
+        return f"trainer.stop_at_target={self.target.metric}:{self.target.value:g}: {value:.6g} at step {step}"

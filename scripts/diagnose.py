@@ -102,7 +102,9 @@ def run_spectrum(obj: Objective, args: argparse.Namespace, out: Path, records: d
     names = ("hessian_top", "hessian_bottom", "ggn_top", "hessian_top_power")
     pairs = [records[k] for k in names if k in records]
     if pairs or "hessian_density" in records:
-        fig = plots.plot_spectrum(pairs, records.get("hessian_density"), title=f"{args.run.name}: curvature spectrum")
+        shown = " and ".join(([f"Hessian top/bottom-{args.k} and GGN top-{args.k} eigenvalues (Lanczos)"] if pairs
+                              else []) + (["Hessian spectral density (SLQ)"] if "hessian_density" in records else []))
+        fig = plots.plot_spectrum(pairs, records.get("hessian_density"), title=f"{shown}\n{args.label}")
         fig.savefig(out / "spectrum.png", dpi=args.dpi)
     if "trace" in what:
         for curvature in ("hessian", "ggn"):
@@ -130,7 +132,7 @@ def run_taylor(obj: Objective, args: argparse.Namespace, out: Path, records: dic
         direction = taylor_direction(obj, records, args, name)
         test = diag.taylor_test(obj, direction=direction, distances=distances, seed=args.seed)
         records[f"taylor_{name}"] = test
-        plots.plot_taylor(test, f"Taylor test, {titles[name]}").savefig(out / PNG[name], dpi=args.dpi)
+        plots.plot_taylor(test, f"Taylor test, {titles[name]}\n{args.label}").savefig(out / PNG[name], dpi=args.dpi)
 
 
 def run_surface(obj: Objective, args: argparse.Namespace, out: Path, records: dict) -> None:
@@ -141,7 +143,7 @@ def run_surface(obj: Objective, args: argparse.Namespace, out: Path, records: di
     lam = top.eigenvalues.tolist()
     labels = (f"v1 (lambda = {lam[0]:.4g})", f"v2 (lambda = {lam[1]:.4g})")
     for kind, name in (("contour", "surface_contour.png"), ("3d", "surface_3d.png")):
-        plots.plot_surface(surface, kind, "loss along the top-2 Hessian eigenvectors", labels).savefig(
+        plots.plot_surface(surface, kind, f"loss along the top-2 Hessian eigenvectors\n{args.label}", labels).savefig(
             out / name, dpi=args.dpi)
 
 
@@ -158,7 +160,8 @@ def run_full(obj: Objective, args: argparse.Namespace, out: Path, records: dict)
     records["full_spectrum"] = {"eigenvalues": values.tolist(), "numel": obj.numel, "seconds": seconds}
     records["hvp_check"] = {"remainder_norm": remainder, "relative": remainder / float(explicit.norm()),
                             "direction_norm": float(s.norm()), "dtype": str(hessian.dtype).split(".")[1]}
-    plots.plot_spectrum(full=values, title=f"explicit Hessian, {obj.numel} eigenvalues").savefig(
+    title = f"all {obj.numel} eigenvalues of the explicit Hessian\n{args.label}"
+    plots.plot_spectrum(full=values, title=title).savefig(
         out / "full_spectrum.png", dpi=args.dpi)
 
 
@@ -210,11 +213,32 @@ def check(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def describe(folder: Path, args: argparse.Namespace, samples: int) -> str:
+    """What the plots show, for their titles: `workload mnist_mlp800 (mnist + mlp_800) trained by sgd, weights at
+    step 600, 1000 training samples` (the run folder's name is only a job number in a sweep)."""
+    from runner.report.load import is_missing, load_run as read_run
+
+    run = read_run(folder)
+
+    def choice(key: str) -> str:
+        value = run.get(key)
+        return "?" if value is None or is_missing(value) else str(value)
+
+    problem = f"{choice('dataset')} + {choice('model')}"
+    workload = (run.config.get("workload") or {}).get("name") if isinstance(run.config.get("workload"), dict) else None
+    step = (run.summary or {}).get("checkpoint_step")
+    weights = "initial weights" if args.weights == "init" else (
+        f"weights at step {step}" if step is not None else "checkpoint weights")
+    return (f"{f'workload {workload} ({problem})' if workload else problem} trained by {choice('optimizer')}, "
+            f"{weights}, {samples} training samples ({args.mode} mode)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     cfg, model, splits, dtype = load_run(args.run, args)
     model.train(args.mode == "train")
     x, y = batch(cfg, splits, args, dtype)
+    args.label = describe(args.run, args, int(x.shape[0]))
     obj = Objective(model, splits.loss, x, y)
     what = args.what or [w for w in WHAT if w != "full" or obj.numel <= args.max_explicit]
     if "full" in what and obj.numel > args.max_explicit:
@@ -230,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         run_surface(obj, args, out, records)
     if "full" in what:
         run_full(obj, args, out, records)
-    summary = {"run": str(args.run), "weights": args.weights, "batch_size": int(x.shape[0]), "mode": args.mode,
+    summary = {"run": str(args.run), "label": args.label, "weights": args.weights, "batch_size": int(x.shape[0]),
+               "mode": args.mode,
                "dtype": str(dtype).split(".")[1], "numel": obj.numel, "loss": float(obj.loss()),
                **{k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in records.items()}}
     (out / "diagnostics.json").write_text(json.dumps(summary, indent=1))

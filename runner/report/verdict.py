@@ -204,7 +204,10 @@ def _cell_text(cell: dict[str, Any], kind: str) -> str:
     reached = f"{cell['reached']}/{cell['seeds']}"
     if cell["reached"] == 0:
         return f"not reached (0/{cell['seeds']})"
-    spread = "" if lo == hi else f" [{_num(lo, fmt)}, {_num(hi, fmt)}]"
+    if lo != hi:
+        spread = f" [{_num(lo, fmt)}, {_num(hi, fmt)}]"
+    else:  # one seed reached it, or all at the same value: show it unless the median says it already
+        spread = "" if median == lo else f" [{_num(lo, fmt)}]"
     return f"{_num(median, fmt)}{spread} ({reached})"
 
 
