@@ -111,7 +111,7 @@ class Runner:
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = self.requested or signal.Signals(signum).name
-        if self.child is not None and self.child.poll() is None:
+        if self.child is not None and self.child.returncode is None:  # no waitpid here: wait() may hold its lock
             try:  # the child has its own process group (jobs of submitit_local included): one signal reaches all
                 os.killpg(self.child.pid, signum)
             except ProcessLookupError:
@@ -132,20 +132,12 @@ class Runner:
             file.flush()
             self.child = subprocess.Popen(command, stdout=file, stderr=subprocess.STDOUT, start_new_session=True)
             try:
-                code = _wait(self.child)
+                code = self.child.wait()  # a signal handler runs meanwhile; wait() resumes after it (PEP 475)
             finally:
                 self.child = None
         if self.requested:
             raise Interrupted(self.requested)
         return code
-
-
-def _wait(child: subprocess.Popen) -> int:
-    while True:
-        try:
-            return child.wait()
-        except InterruptedError:  # a signal handler ran during wait(): keep waiting for the child to stop
-            continue
 
 
 def tail(path: Path, lines: int = 15) -> str:
@@ -188,11 +180,10 @@ def set_aside(sweep_dir: Path, jobs: int, store: Path) -> list[Path]:
             continue
         if (job / CHECKPOINT).exists() or (job / PREVIOUS).exists() or not existing_results(job):
             continue
-        target = store / job.relative_to(store.parent)
-        n = 1
-        while target.exists() or target.with_name(f"{target.name}-{n}").exists():
+        place, n = store / job.relative_to(store.parent), 1  # <out>/set_aside/tune/W/M/<job>-<n>
+        while place.with_name(f"{place.name}-{n}").exists():
             n += 1
-        target = target.with_name(f"{target.name}-{n}")
+        target = place.with_name(f"{place.name}-{n}")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(job), str(target))
         moved.append(target)

@@ -108,6 +108,42 @@ def test_another_plan_in_the_same_folder_is_refused(tmp_path, capsys):
     assert "holds a race with another plan (trials: 5 there, 6 now)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("launcher, target", [("basic", "BasicLauncher"), ("submitit_local", "LocalLauncher"),
+                                              ("slurm", "SlurmLauncher")])
+def test_every_cell_composes_with_each_launcher_and_a_methods_own_batch(tmp_path, launcher, target):
+    from runner.race import Plan, cells, compose
+
+    plan = Plan(["digits_mlp", "imagenet_resnet50"], ["sgd", "hf"], 2, 0, [1000], launcher,
+                {"hf": ["trainer.batch_size=1000"]}, ["threads=1"])
+    found = cells(plan, tmp_path)
+    assert [(c.workload, c.method, c.optimizer, c.direction) for c in found] == [
+        (w, m, m, "minimize") for w in plan.workloads for m in plan.methods]
+    cfg = compose(["workload=imagenet_resnet50", "search=hf", *plan.method_overrides("hf")])
+    assert cfg.hydra.launcher._target_.endswith(target) and cfg.trainer.batch_size == 1000 and cfg.threads == 1
+    assert compose(["workload=imagenet_resnet50", "search=sgd", *plan.method_overrides("sgd")]).trainer.batch_size \
+        == 256
+
+
+def test_only_unresumable_unfinished_jobs_are_set_aside(tmp_path):
+    from runner.race import complete, set_aside
+
+    sweep = tmp_path / "out" / "tune" / "w" / "m"
+    for job, files in {"0": {"summary.json": '{"status": "ok", "exit_code": 0}', "metrics.jsonl": "{}\n"},
+                       "1": {"metrics.jsonl": '{"step": 1}\n'},  # killed before its first checkpoint
+                       "2": {"summary.json": '{"status": "interrupted"}', "checkpoint.pt": "x"},  # resumable
+                       "3": {".hydra/overrides.yaml": "[]"},  # started, nothing written yet
+                       "4": {"summary.json": '{"status": "error", "exit_code": 5}', "metrics.jsonl": "{}\n"}}.items():
+        for name, text in files.items():
+            (sweep / job / name).parent.mkdir(parents=True, exist_ok=True)
+            (sweep / job / name).write_text(text)
+    assert not complete(sweep, 1 + 4) and complete(sweep, 1)
+    moved = set_aside(sweep, 5, tmp_path / "out" / "set_aside")
+    assert [m.relative_to(tmp_path / "out").as_posix() for m in moved] == ["set_aside/tune/w/m/1-1",
+                                                                          "set_aside/tune/w/m/4-1"]
+    assert (moved[0] / "metrics.jsonl").read_text() == '{"step": 1}\n'  # kept, not deleted
+    assert sorted(p.name for p in sweep.iterdir()) == ["0", "2", "3"]
+
+
 # ---------------------------------------------------------------- continuing a sweep (runner/sweep.py)
 
 

@@ -151,3 +151,35 @@ def test_bad_stopping_rules_are_refused_before_the_first_step(tmp_path, override
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
         train(make_config("trainer.max_steps=3", *overrides), tmp_path)
     assert not (tmp_path / "metrics.jsonl").exists() or metrics(tmp_path) == []
+
+
+# ---------------------------------------------------------------- the target rule (runner/report/targets.py)
+
+
+def fake_run(folder: Path, optimizer: str, lr: float, seed: int, accuracies: dict[int, float], seconds: float) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({"seed": seed, "optimizer": {"lr": lr}}))
+    (folder / ".hydra").mkdir()
+    (folder / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump(
+        {"hydra": {"runtime": {"choices": {"optimizer": optimizer}}}}))
+    rows = [{"step": s, "wall_time": seconds * s / max(accuracies), "eval/accuracy": a} for s, a in accuracies.items()]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "summary.json").write_text(json.dumps({"status": "ok"}))
+
+
+def test_the_target_rule_on_hand_made_reference_runs(tmp_path):
+    from runner.report.targets import measure
+
+    # sgd 0.1: worst seed's best within 100 steps = min(0.9717, 0.9731) = 0.9717 (the 0.99 at step 200 is too late);
+    # adam: min(0.9650, 0.9800) = 0.9650. Best configuration: sgd, target floor(0.9717, 3 decimals) = 0.971.
+    fake_run(tmp_path / "sgd" / "0", "sgd", 0.1, 0, {50: 0.95, 100: 0.9717, 200: 0.99}, 40.0)
+    fake_run(tmp_path / "sgd" / "1", "sgd", 0.1, 1, {50: 0.9731, 100: 0.97, 200: 0.99}, 44.0)
+    fake_run(tmp_path / "adam" / "0", "adam", 0.001, 0, {50: 0.96, 100: 0.9650}, 10.0)
+    fake_run(tmp_path / "adam" / "1", "adam", 0.001, 1, {50: 0.98, 100: 0.97}, 10.0)
+    found = measure([tmp_path], "eval/accuracy", 100, ["optimizer", "optimizer.lr"])
+    assert found["best"]["config"] == "optimizer=sgd, optimizer.lr=0.1"
+    assert found["target"] == 0.971 and found["max_steps"] == 400
+    # The slowest sgd seed reached step 100 at 22 s (44 s for 200 steps): 4 x 22 s = 1.47 min -> 1.5 minutes.
+    assert found["max_time_minutes"] == 1.5
+    assert measure([tmp_path], "eval/accuracy", 100, ["optimizer", "optimizer.lr"], max_minutes=1.0)[
+        "max_time_minutes"] == 1.0
