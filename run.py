@@ -3,12 +3,15 @@
     python run.py --help                                  config groups, their choices and every key
     python run.py dataset=mnist optimizer=adam            one run -> outputs/<date>/<time>/
     python run.py -m optimizer=sgd,adam seed=0,1          a sweep -> outputs/multirun/<date_time>/<job>/
+    python run.py workload=mnist_mlp800 optimizer=hf      a race workload (conf/workload/; python -m runner.race)
 
 Exit codes: 0 ok; 1 a bug (a traceback); 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows
 the traceback), including a run folder that holds another run's results; 3 training diverged; 4 interrupted by
 SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after a checkpoint (continue with trainer.resume=<folder>); 5 out of disk space;
 130 a second SIGINT (stopped at once). A sweep (-m, any launcher) reports how many jobs ended ok / diverged /
-interrupted / failed, from their summary.json files, and exits with the worst job's code.
+interrupted / failed, from their summary.json files, and exits with the worst job's code. A stop signal stops an
+in-process sweep after the job it interrupted; the same command with hydra.sweep.dir=<its folder> trainer.resume=true
+continues it, without running its finished jobs again (runner/sweep.py).
 """
 
 from __future__ import annotations
