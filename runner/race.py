@@ -268,12 +268,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m runner.race", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("overrides", nargs="*", help="key=value overrides for every run, e.g. threads=1")
-    p.add_argument("--workloads", default=",".join(CPU_WORKLOADS), help="comma-separated conf/workload/ names")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help="comma-separated conf/search/ presets")
-    p.add_argument("--trials", type=int, default=20, help="optuna trials per method and workload (the equal budget)")
+    p.add_argument("--workloads", default=",".join(CPU_WORKLOADS),
+                   help="comma-separated conf/workload/ names (default: %(default)s)")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help="comma-separated conf/search/ presets (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=20,
+                   help="optuna trials per method and workload, the equal budget (default: %(default)s)")
     p.add_argument("--tuning-seed", type=int, default=0, help="the seed of every tuning trial")
     p.add_argument("--seeds", default="1000,1001,1002,1003,1004",
-                   help="seeds of the re-runs of each best configuration (not the tuning seed)")
+                   help="seeds of the re-runs of each best configuration, not the tuning seed (default: %(default)s)")
     p.add_argument("--launcher", default="basic", choices=sorted(LAUNCHERS), help="Hydra launcher of every sweep")
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE", dest="sets",
                    help="an override for one method's runs only, e.g. hf:trainer.batch_size=1000 (repeatable)")

@@ -32,7 +32,8 @@ def make_run(name: str, optimizer: str, steps: int, seed: int, classification: b
 
 @pytest.fixture
 def groups() -> dict[str, list[Run]]:
-    return {"sgd": [make_run("a", "sgd", 500, 0), make_run("b", "sgd", 500, 1)], "adam": [make_run("c", "adam", 500, 2)]}
+    return {"sgd": [make_run("a", "sgd", 500, 0), make_run("b", "sgd", 500, 1)],
+            "adam": [make_run("c", "adam", 500, 2)]}
 
 
 def test_titles_and_axis_labels_name_the_problem_grouping_quantities_and_units(groups):
