@@ -3,13 +3,17 @@
     python run.py --help                                  config groups, their choices and every key
     python run.py dataset=mnist optimizer=adam            one run -> outputs/<date>/<time>/
     python run.py -m optimizer=sgd,adam seed=0,1          a sweep -> outputs/multirun/<date_time>/<job>/
+    python run.py workload=mnist_mlp800 optimizer=hf      a race workload (conf/workload/; python -m runner.race)
 
 Exit codes: 0 ok; 1 a bug (a traceback); 2 bad configuration or input (one paragraph on stderr; CURVLAB_DEBUG=1 shows
 the traceback), including a run folder that holds another run's results; 3 training diverged; 4 interrupted by
 SIGTERM / SIGUSR1 / SIGUSR2 / SIGINT after a checkpoint (continue with trainer.resume=<folder>); 5 out of disk space;
 130 a second SIGINT (stopped at once). A single run exits with the exit_code its summary.json records: once that
 file is written, further stop signals are ignored until the process ends. A sweep (-m, any launcher) reports how many
-jobs ended ok / diverged / interrupted / failed, from their summary.json files, and exits with the worst job's code.
+jobs ended ok / diverged / interrupted / failed, from their summary.json files, and exits with the worst job's code. A
+stop signal stops an in-process sweep after the job it interrupted; the same command with
+hydra.sweep.dir=<its folder> trainer.resume=true continues it, without running its finished jobs again
+(runner/sweep.py).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -51,6 +56,13 @@ def main(cfg: DictConfig) -> float | None:
     single = hydra_config.mode == RunMode.RUN
     try:
         tuning.check(cfg.tune, hydra_config.sweeper)
+        out = Path(hydra_config.runtime.output_dir)
+        finished = sweep.finished_job(cfg, out)
+        if finished is not None:  # continuing a sweep: this job's run is done (runner/sweep.py)
+            status = finished["status"]
+            print(f"curvlab: {out} holds this job's finished run (status {status}); not run again.")
+            _fail(finished.get("exit_code") if finished.get("exit_code") in sweep.SEVERITY else 1)
+            return tuning.objective_value(cfg.tune, out, status) if status != "error" else None
         result = train(cfg)
     except Exception as exc:  # every job of a sweep runs, whatever another one raised
         if single:
@@ -63,6 +75,9 @@ def main(cfg: DictConfig) -> float | None:
         ignore_stop_signals()  # summary.json is written: a late Ctrl-C must not turn exit code 4 into 130
     _fail(sweep.STATUS_CODES[result.status])
     if result.status == "interrupted":
+        if sweep.in_process_sweep():
+            raise sweep.SweepStopped(f"job {result.output_dir.name} was interrupted by "
+                                     f"{result.summary.get('interrupted_by') or 'a stop signal'}")
         return None
     return tuning.objective_value(cfg.tune, result.output_dir, result.status)
 
@@ -91,6 +106,10 @@ if __name__ == "__main__":
     except sweep.FolderRefused as exc:
         print(f"curvlab: error: {exc}", file=sys.stderr)
         _fail(EXIT_USER_ERROR)
+    except sweep.SweepStopped as exc:
+        print(f"curvlab: the sweep stops: {exc}, so no further job was started. Run the same "
+              f"command with trainer.resume=true to continue it (finished jobs are not run again).", file=sys.stderr)
+        _fail(sweep.STATUS_CODES["interrupted"])
     except KeyboardInterrupt:
         ignore_stop_signals()  # a third Ctrl-C must not cut this short: summary.json already says 130
         print("curvlab: stopped at once by SIGINT, without a new checkpoint (the last one, if any, is intact).",

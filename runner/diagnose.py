@@ -133,7 +133,9 @@ def plot_spectrum(args: argparse.Namespace, out: Path, records: dict) -> None:
     pairs = [records[k] for k in SPECTRA if k in records]
     density = records.get("hessian_density") or records.get("ggn_density")
     if pairs or density is not None:
-        fig = plots.plot_spectrum(pairs, density, title=f"{args.run.name}: curvature spectrum")
+        shown = " and ".join(([f"Hessian top/bottom-{args.k} and GGN top-{args.k} eigenvalues (Lanczos)"] if pairs
+                              else []) + (["spectral density (SLQ)"] if density is not None else []))
+        fig = plots.plot_spectrum(pairs, density, title=f"{shown}\n{args.label}")
         fig.savefig(out / "spectrum.png", dpi=args.dpi)
 
 
@@ -158,7 +160,7 @@ def run_taylor(obj: Objective, args: argparse.Namespace, out: Path, records: dic
         test = DIAGNOSTICS["taylor"].run(obj, options(args), direction=direction, distances=distances)
         records[f"taylor_{name}"] = test
         note = taylor_note(test)
-        title = f"Taylor test, {titles[name]}"
+        title = f"Taylor test, {titles[name]}\n{args.label}"
         if note is not None:
             notes[f"taylor_{name}"] = note
             title += f"\n{str(test.direction.dtype).removeprefix('torch.')}: slopes below round-off, see diagnostics.json"
@@ -172,7 +174,7 @@ def run_surface(obj: Objective, args: argparse.Namespace, out: Path, records: di
     lam = top.eigenvalues.tolist()
     labels = (f"v1 (lambda = {lam[0]:.4g})", f"v2 (lambda = {lam[1]:.4g})")
     for kind, name in (("contour", "surface_contour.png"), ("3d", "surface_3d.png")):
-        plots.plot_surface(surface, kind, "loss along the top-2 Hessian eigenvectors", labels).savefig(
+        plots.plot_surface(surface, kind, f"loss along the top-2 Hessian eigenvectors\n{args.label}", labels).savefig(
             out / name, dpi=args.dpi)
 
 
@@ -181,8 +183,29 @@ def run_explicit(obj: Objective, args: argparse.Namespace, out: Path, records: d
     found = DIAGNOSTICS["hessian_explicit"].run(obj, options(args))
     records.update(found)
     values = torch.tensor(found["full_spectrum"]["eigenvalues"], dtype=torch.float64)
-    plots.plot_spectrum(full=values, title=f"explicit Hessian, {obj.numel} eigenvalues").savefig(
+    title = f"all {obj.numel} eigenvalues of the explicit Hessian\n{args.label}"
+    plots.plot_spectrum(full=values, title=title).savefig(
         out / "full_spectrum.png", dpi=args.dpi)
+
+
+def describe(folder: Path, args: argparse.Namespace, samples: int) -> str:
+    """What the plots show, for their titles: `workload mnist_mlp800 (mnist + mlp_800) trained by sgd, weights at
+    step 600, 1000 training samples` (the run folder's name is only a job number in a sweep)."""
+    from runner.report.load import is_missing, load_run as read_run
+
+    run = read_run(folder)
+
+    def choice(key: str) -> str:
+        value = run.get(key)
+        return "?" if value is None or is_missing(value) else str(value)
+
+    problem = f"{choice('dataset')} + {choice('model')}"
+    workload = (run.config.get("workload") or {}).get("name") if isinstance(run.config.get("workload"), dict) else None
+    step = (run.summary or {}).get("checkpoint_step")
+    weights = "initial weights" if args.weights == "init" else (
+        f"weights at step {step}" if step is not None else "checkpoint weights")
+    return (f"{f'workload {workload} ({problem})' if workload else problem} trained by {choice('optimizer')}, "
+            f"{weights}, {samples} training samples ({args.mode} mode)")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -241,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, model, splits, dtype = load_run(args.run, args)
     model.train(args.mode == "train")
     x, y = batch(cfg, splits, args, dtype)
+    args.label = describe(args.run, args, int(x.shape[0]))
     obj = Objective(model, splits.loss, x, y)
     names = args.names or [n for n in expand(list(DEFAULT)) if n != "hessian_explicit" or obj.numel <= args.max_explicit]
     if "hessian_explicit" in names and obj.numel > args.max_explicit:
@@ -264,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     dumped = {k: v.to_dict() if hasattr(v, "to_dict") else v for k, v in records.items()}
     for name, note in notes.items():
         dumped[name]["note"] = note
-    summary = {"run": str(args.run), "weights": args.weights, "batch_size": int(x.shape[0]), "mode": args.mode,
+    summary = {"run": str(args.run), "label": args.label, "weights": args.weights, "batch_size": int(x.shape[0]), "mode": args.mode,
                "dtype": str(dtype).split(".")[1], "numel": obj.numel, "loss": float(obj.loss()), **dumped}
     (out / "diagnostics.json").write_text(json.dumps(summary, indent=1))
     for name, record in records.items():

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from validation.checks import OptionError, finite, nonnegative_int
 from runner.errors import unknown_key_message
@@ -48,6 +48,8 @@ class TrainerConfig:
     checkpoint: bool = True  # write checkpoint.pt at the end of the run (and when interrupted or on schedule)
     checkpoint_every: Optional[int] = None  # also checkpoint every N steps (null = no step schedule)
     checkpoint_every_minutes: Optional[float] = 30.0  # ... and/or every M minutes of wall-clock (null = off)
+    max_time_minutes: Optional[float] = None  # also stop once the optimiser steps took M minutes (wall_time; null: off)
+    stop_at_target: Optional[str] = None  # METRIC:VALUE, e.g. eval/accuracy:0.97: stop at the evaluation reaching it
     resume: Any = None  # null (auto: resume only a requeued job) | true (this folder) | false | <run folder>
 
 
@@ -71,6 +73,13 @@ class TuneConfig:  # what run.py returns to a sweeper such as hydra/sweeper=optu
 
 
 @dataclass
+class WorkloadConfig:  # set by conf/workload/<name>.yaml: what the race (runner/race.py) measures on this problem
+    name: str = MISSING  # the file's name
+    metric: str = "eval/accuracy"  # the validation metric (a column of metrics.jsonl)
+    target: float = MISSING  # the value of `metric` to reach (at least it for accuracies, at most it otherwise)
+
+
+@dataclass
 class CurvlabConfig:
     dataset: Any = None
     model: Any = None
@@ -85,6 +94,7 @@ class CurvlabConfig:
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
     tune: TuneConfig = field(default_factory=TuneConfig)
     diagnostics: Any = None  # curvature diagnostics during training: checked by runner.diagnostics.DiagnosticsOptions
+    workload: Optional[WorkloadConfig] = None  # workload=<name> (conf/workload/): dataset, model, budget, target
 
 
 def cache_dir(*parts: str) -> str:
@@ -100,12 +110,15 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("curvlab_cache", cache_dir, replace=True)
 
 
-TYPED = {"": CurvlabConfig, "trainer": TrainerConfig, "logger": LoggerConfig}  # where a key must be a field
+TYPED = {"": CurvlabConfig, "trainer": TrainerConfig, "logger": LoggerConfig,  # where a key must be a field
+         "workload": WorkloadConfig}
 
 
 def check_config(cfg: DictConfig) -> None:
     """Reject keys added with `+` to the typed parts, and non-finite numbers outside the optimizer group."""
     for group, schema in TYPED.items():
+        if group and cfg.get(group) is None:
+            continue  # no workload chosen
         valid = [f.name for f in dataclasses.fields(schema)]
         for key in (cfg[group] if group else cfg):
             if key not in valid and key != "hydra":

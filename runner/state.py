@@ -66,6 +66,7 @@ class RunState:
     # how the run ends, and where it came from
     diverged_row: dict[str, Any] | None = None
     stopped_by: str | None = None     # the stop signal's name
+    stop_reason: str | None = None    # why a run with status ok ended early (runner/stopping.py) or its budget
     checkpoint_step: int | None = None
     resumed_from: dict[str, Any] | None = None
 
@@ -80,7 +81,7 @@ class RunState:
 
     @property
     def done(self) -> bool:
-        return self.step >= self.total_steps
+        return self.step >= self.total_steps or self.stop_reason is not None
 
     @property
     def diverged(self) -> bool:
@@ -191,6 +192,7 @@ class RunState:
             "best_eval_accuracy": self.best_accuracy,
             "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
             "interrupted_by": self.stopped_by,
+            "stop_reason": self.stop_reason if status == "ok" else None,
             "checkpoint_step": self.checkpoint_step,
             "resumed_from": self.resumed_from,
             "wandb": self.wandb_info(),

@@ -48,6 +48,7 @@ from runner.schema import check_config, typed_key
 from runner.seeding import seed_everything
 from runner.signals import StopSignals
 from runner.state import RunState
+from runner.stopping import StopRules
 from runner.wandb_sink import WandbSink
 
 log = logging.getLogger("curvlab")
@@ -116,6 +117,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
     """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
     trainer = cfg.trainer
     _check_trainer(trainer)
+    rules = StopRules.from_trainer(trainer)  # trainer.max_time_minutes, trainer.stop_at_target (runner/stopping.py)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     objective_options = _objective_options(cfg.objective)
     diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
@@ -131,6 +133,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
     if shard[0] > 0:
         torch.manual_seed(cfg.seed + 7919 * shard[0])  # dropout masks differ per rank; rank 0 keeps the 1-rank stream
     loss_fn = get_loss(splits.loss)
+    rules.check_metric(classification=splits.loss == "cross_entropy")
     train_batches = make_batches(
         splits.train, batch_size=trainer.batch_size, mode=trainer.batching, device=device, dtype=dtype,
         seed=cfg.seed, drop_last=trainer.drop_last, num_workers=trainer.num_workers, shard=shard,
@@ -159,7 +162,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
         state.restore(resume.state)
         state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
         log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
-    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics)
+    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics, rules)
 
 
 def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
@@ -182,6 +185,7 @@ class _Parts:
     classification: bool
     objective_options: dict[str, Any]
     diagnostics: Diagnostics
+    rules: StopRules
 
 
 def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignals) -> None:
@@ -194,6 +198,7 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
     state.model.train()
     with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
         stop = _at_boundary(state, signals, None)  # a signal during the set-up: stop before the first step
+        state.stop_reason = run.rules.out_of_time(state.wall_time) or run.rules.reached(state.last_eval, state.step)
         while not (state.done or state.diverged or stop):
             tick = time.perf_counter()
             for inputs, targets in state.train_batches:  # (B, ...) inputs, (B,) targets: this rank's share
@@ -210,12 +215,14 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
                 state.record_step(stats, time.perf_counter() - tick, state.train_batches.global_batch,
                                   **peak_memory(state.device))
                 bar.update()
+                state.stop_reason = run.rules.out_of_time(state.wall_time)  # then evaluated as the last step
                 run.diagnostics.after_step(state)  # when due: diag/* in this row (runner/diagnostics.py)
                 evaluating = state.done or state.step % eval_every == 0
                 if evaluating:
                     state.add_evaluation(evaluate(state.model, run.loss_fn, run.test_batches, run.classification))
                 if evaluating or state.step % log_every == 0:
                     _flush(state, bar)  # sets state.diverged when a flushed loss is not finite
+                    state.stop_reason = state.stop_reason or run.rules.reached(state.last_eval, state.step)
                 stop = not (state.done or state.diverged) and _at_boundary(state, signals, schedule)
                 if state.done or state.diverged or stop:
                     break
@@ -261,6 +268,8 @@ def _finish(cfg: DictConfig, state: RunState, signals: StopSignals) -> RunResult
     """Write the rows still pending, the final checkpoint and summary.json; say how the run ended."""
     _flush(state, None)
     status = "diverged" if state.diverged else "interrupted" if state.stopped_by else "ok"
+    if status == "ok" and state.stop_reason is None:
+        state.stop_reason = _budget_reason(cfg.trainer, state.step, state.steps_per_epoch)
     if cfg.trainer.checkpoint or status == "diverged":
         state.save_checkpoint()
     state.metrics.close(failed=status != "ok")
@@ -349,6 +358,13 @@ def _check_trainer(trainer: DictConfig) -> None:
         raise ValueError(
             f"trainer.batching={trainer.batching!r} is not a batching mode. Choose one of: {', '.join(BATCHING)}."
         )
+
+
+def _budget_reason(trainer: DictConfig, step: int, steps_per_epoch: int) -> str:
+    """summary.json's stop_reason for a run that completed its step/epoch budget."""
+    if trainer.max_steps is not None and step >= trainer.max_steps:
+        return f"trainer.max_steps={trainer.max_steps}"
+    return f"trainer.max_epochs={trainer.max_epochs}: {step} steps of {steps_per_epoch} per epoch"
 
 
 def budget_line(trainer: DictConfig, steps_per_epoch: int) -> tuple[int, str, bool]:

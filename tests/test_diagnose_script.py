@@ -39,6 +39,8 @@ def test_diagnose_a_run_folder(tmp_path):
         assert (out / name).stat().st_size > 1000
     report = json.loads((out / "diagnostics.json").read_text())
     assert report["weights"] == "checkpoint" and report["batch_size"] == 200 and report["dtype"] == "float64"
+    # The figures' titles say what was diagnosed (not the run folder's name, a job number in a sweep).
+    assert report["label"].startswith("digits + mlp trained by sgd, weights at step 12, 200 training samples")
     assert report["hvp_check"]["relative"] < 1e-13                # H s explicitly against the product (seed 000)
     power, lanczos = report["hessian_top_power"]["eigenvalues"], report["hessian_top"]["eigenvalues"]
     assert power[0] == pytest.approx(lanczos[0], rel=1e-4) and report["hessian_top_power"]["cost"]["products"] == 60

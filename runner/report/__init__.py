@@ -8,8 +8,12 @@
     quantities  final / best / mean values and the first row reaching a target (shared with runner/tuning.py)
     aggregate   grouping by config keys, seeds -> mean and min-max band
     tables      per-run and per-group records, Markdown / CSV, the tidy CSV, "ours vs paper" tables
-    plots       curves against step / epoch / samples / time, per-step diagnostics, CG stop reasons
+    plots       curves against step / epoch / samples / time, per-step diagnostics, CG stop reasons, profiles
     cli         the command line (scripts/report.py)
+    profiles    performance profiles and their scores (AlgoPerf)
+    significance the exact two-sided rank test of two methods' per-seed times, Holm's adjustment
+    verdict     the race's verdict from its re-run folders (runner/race.py)
+    targets     a workload's target and budget from reference runs (python -m runner.report.targets)
 """
 
 __all__ = ["Report", "ReportError", "Run", "build_report", "find_runs", "main", "markdown_table", "side_by_side"]

@@ -69,7 +69,7 @@ def build_report(paths: list[str | Path], by: list[str] | None = None, targets: 
     write_csv(out / "runs.csv", run_records)
     write_csv(out / "rows.csv", tidy_rows(runs, by))
     report.files = [out / name for name in ("summary.md", "summary.csv", "runs.csv", "rows.csv")]
-    report.files += plot_all(groups, out, xs, tuple(formats))
+    report.files += plot_all(groups, out, xs, tuple(formats), by=by)
     return report
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 STATUSES = ("ok", "diverged", "interrupted", "error")
-GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "search")  # Hydra config groups
+GROUPS = ("dataset", "model", "optimizer", "trainer", "logger", "experiment", "search", "workload")  # config groups
 _SKIP_DIRS = {"wandb", ".submitit", ".hydra", "__pycache__", ".git"}
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
