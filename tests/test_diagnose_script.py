@@ -115,7 +115,8 @@ def test_one_registry_of_names_for_the_training_loop_and_the_script(tmp_path, ca
 
 def test_the_console_scripts_are_the_modules_the_shims_call():
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts == {"curvlab-diagnose": "runner.diagnose:main", "curvlab-report": "runner.report.cli:main"}
+    assert {k: scripts[k] for k in ("curvlab-diagnose", "curvlab-report")} == {
+        "curvlab-diagnose": "runner.diagnose:main", "curvlab-report": "runner.report.cli:main"}
     for name, shim in (("curvlab-diagnose", "scripts/diagnose.py"), ("curvlab-report", "scripts/report.py")):
         module = scripts[name].split(":")[0]
         assert f"from {module} import main" in (ROOT / shim).read_text()
