@@ -23,7 +23,9 @@ STEPS = 4
 METHODS = {
     "sgd": (SGD, dict(lr=0.1)),
     "adam": (Adam, dict(lr=0.01)),
-    "hf": (HessianFree, dict(weight_decay=1e-3)),
+    # curvature on the whole batch: the default curvature mini-batch (each rank's first quarter) is a different subset
+    # of the global batch than a single process's first quarter
+    "hf": (HessianFree, dict(weight_decay=1e-3, curvature_fraction=1.0)),
     "curveball": (CurveBall, dict(lambda_every=2)),
     "newton_cg": (Newton, dict(solver="cg", damping=1e-2)),
     "lbfgs": (LBFGS, dict()),

@@ -86,13 +86,14 @@ def seed_rows() -> dict[str, Row]:
             "diagnostics.every": 200}),
         "seed002_sine_hf": Row(("build_sine", "build_mlp", "HessianFree"), {
             "trainer.batch_size": 1000, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3,
-            "optimizer.line_search": False, "model.hidden": [15, 15]}),
+            "optimizer.line_search": False, "optimizer.curvature_fraction": 1.0, "model.hidden": [15, 15]}),
         "seed002_sine_sgd": Row(("build_sine", "build_mlp", "SGD"), {"trainer.batch_size": 100, "optimizer.lr": 0.05}),
         "seed002_mnist_hf": Row(("build_mnist", "build_mlp", "HessianFree"), {
             "trainer.batch_size": 1000, "optimizer.damping_factor": 1.5, "optimizer.cg_min_iters": 3,
-            "optimizer.cg_martens_tol": 5e-4, "model.hidden": [800]}),
+            "optimizer.cg_martens_tol": 5e-4, "optimizer.curvature_fraction": 1.0, "model.hidden": [800]}),
         "seed002_mnist_hf_small_batch": Row(("build_mnist", "build_mlp", "HessianFree"), {
-            "trainer.batch_size": 75, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3}),
+            "trainer.batch_size": 75, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3,
+            "optimizer.curvature_fraction": 1.0}),
         "seed002_mnist_sgd": Row(("build_mnist", "build_mlp", "SGD"), {
             "trainer.batch_size": 100, "optimizer.lr": 0.1, "optimizer.momentum": 0.0, "model.hidden": [800]}),
         "seed003_mnist_kfac_mlp_curveball": Row(("build_mnist", "build_mlp", "CurveBall"), {
@@ -131,7 +132,8 @@ def seed_rows() -> dict[str, Row]:
                 "dtype": "float64", "dataset.l1": l1, "dataset.l2": l2, "trainer.batch_size": 1})
         rows[f"seed003_table1_rahimi_recht_{method}"] = Row(
             ("build_rahimi_recht", "build_two_layer_linear", optimizer),
-            {"dtype": "float64", "dataset.condition": 1e5, "trainer.batching": "full"})
+            {"dtype": "float64", "dataset.condition": 1e5, "trainer.batching": "full",
+             **({"optimizer.curvature_fraction": 1.0} if method == "lm" else {})})
     # seed 003, Table 2: CurveBall with / without lambda rescaling, SGD and Adam on four models
     models = {"basic": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": False}),
               "basic_bn": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": True}),
@@ -149,7 +151,8 @@ def seed_rows() -> dict[str, Row]:
     newton = {"optimizer.solver": "explicit", "optimizer.step_size": "fixed", "optimizer.lr": 0.5,
               "optimizer.descent_check": "none"}
     hf = {"optimizer.damping_factor": 1.0, "optimizer.lr": 0.5, "optimizer.line_search": False,
-          "optimizer.backtrack": False, "optimizer.preconditioner": False, "optimizer.warm_start_decay": 0.0}
+          "optimizer.backtrack": False, "optimizer.preconditioner": False, "optimizer.warm_start_decay": 0.0,
+          "optimizer.curvature_fraction": 1.0}
     rows |= {
         "seed004_sgd": Row(("build_mnist", "build_mlp", "SGD"), {
             **base, "optimizer.lr": 0.1, "optimizer.momentum": 0.0}),

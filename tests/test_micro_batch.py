@@ -43,8 +43,9 @@ def test_every_quantity_equals_the_whole_batch(backend):
     assert micro.stats()["micro_batches"] == 3
 
 
-@pytest.mark.parametrize("cls, options", [(SGD, dict(lr=0.1)), (HessianFree, {}), (CurveBall, {}),
-                                          (Newton, dict(solver="cg", damping=0.1)), (LBFGS, {}), (NLCG, {})],
+@pytest.mark.parametrize("cls, options", [(SGD, dict(lr=0.1)), (HessianFree, dict(curvature_fraction=1.0)),
+                                          (CurveBall, {}), (Newton, dict(solver="cg", damping=0.1)), (LBFGS, {}),
+                                          (NLCG, {})],
                          ids=lambda c: getattr(c, "__name__", ""))
 def test_methods_take_the_whole_batch_step(cls, options):
     (x, y), runs = batch(), []
@@ -57,6 +58,15 @@ def test_methods_take_the_whole_batch_step(cls, options):
             opt.step(objective)
         runs.append(params_vector(m.parameters()))
     assert close(runs[1], runs[0], 1e-10)
+
+
+def test_a_curvature_mini_batch_is_refused_with_micro_batches():
+    """Hessian-free's default curvature mini-batch (a quarter of the batch) is not available on micro-batches: a clear
+    error naming both keys, never a silent change of the method."""
+    m, (x, y) = model(), batch()
+    opt = HessianFree(m.parameters())
+    with pytest.raises(OptionError, match=r"optimizer\.curvature_fraction=1 or objective\.micro_batch_size=null"):
+        opt.step(MicroBatchedObjective(m, "cross_entropy", x, y, micro_batch_size=3))
 
 
 def test_only_one_piece_is_alive_at_a_time():
