@@ -102,7 +102,8 @@ def seed_rows() -> dict[str, Row]:
     # seed 003 sec. 4 (issue 10): K-FAC vs CurveBall vs Adam vs SGD (and HF, issue 8) on the 128-64-32-10 tanh MLP, one file each
     for method, optimizer, facts in (("kfac", "KFAC", {"optimizer.damping": 1.0}), ("curveball", "CurveBall", {}),
                                      ("adam", "Adam", {"optimizer.lr": 0.001}), ("sgd", "SGD", {"optimizer.lr": 0.03}),
-                                     ("hf", "HessianFree", {"optimizer.damping_factor": 1.01})):
+                                     ("hf", "HessianFree", {"optimizer.damping_factor": 1.5,
+                                                            "optimizer.curvature_fraction": 0.25})):
         rows[f"seed003_mnist_mlp_{method}"] = Row(("build_mnist", "build_mlp", optimizer), {
             "trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh", **facts})
     # seed 001, Tables 1 and 2: logistic regression on reshuffled / fixed batches
