@@ -17,14 +17,6 @@ One step, after ``pretrain_steps`` plain gradient-descent steps (seed 000 Algori
 
 Seed 004's undamped Newton (``damping=0``, ``descent_check=none``, ``step_size=fixed``) is kept as the baseline that
 fails on non-convex losses: it heads for any stationary point, maxima and saddles included.
-
-Default damping lambda = 1 (issue 17). The seeds run Newton on full batches (seeds 000, 001, 003 Table 1) or damp it
-(seed 004: lambda = 32), and their experiment files say so. On a mini-batch the undamped Hessian of 128 samples is
-the batch's own: CG follows its directions of small positive curvature to long steps that the Armijo search accepts
-on the batch and the rest of the data pays for (``python run.py optimizer=newton_cg``, digits: test accuracy 0.75 ->
-0.44, training loss 2.29 -> 2.62 over 10 epochs; lambda = 0.1: 0.83 -> 0.35). Lambda = 1, on the batch-mean loss's
-scale, keeps every Quickstart run monotone up to the evaluation noise (0.97-0.98); seed 000's thesis (sec. 7.2) warns
-that damping changes the minimiser of each step's model, which is the point here. ``damping=0`` is plain Newton.
 """
 from __future__ import annotations
 
@@ -53,7 +45,7 @@ class NewtonOptions(StepSizeOptions, CGOptions):
     """Armijo constants: seed 000 gives none; Martens 2010's (rate 1, x0.8, c = 0.01, 60 tries)."""
 
     solver: str = option("explicit", one_of(*SOLVERS))    # explicit (dense Hessian + solve) | cg (Hessian products)
-    damping: float = option(1.0, nonnegative)             # Tikhonov lambda in (H + lambda I) s = -g; 0 = plain Newton
+    damping: float = option(0.0, nonnegative)             # Tikhonov lambda in (H + lambda I) s = -g; 0 = plain Newton
     descent_check: str = option("cosine", one_of(*DESCENT_CHECKS))  # see the class docstring
     descent_threshold: float = option(-1e-8, in_range(-math.inf, 0))  # T <= 0: failing directions fall back to -g
     fallback_lr: float | None = option(None, optional(positive))  # fixed step of a fall-back step; null = pretrain_lr

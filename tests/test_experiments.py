@@ -74,7 +74,7 @@ def seed_rows() -> dict[str, Row]:
         "seed000_simple_cnn_newton": Row(("build_mnist", "build_simple_cnn", "Newton"), {
             "dtype": "float64", "trainer.batching": "full", "trainer.batch_size": None, "trainer.max_epochs": 80,
             "optimizer.solver": "cg", "optimizer.pretrain_steps": 60, "optimizer.cg_init": "weights",
-            "optimizer.cg_negative_curvature": "continue", "optimizer.cg_martens_tol": 0.0, "optimizer.damping": 0.0}),
+            "optimizer.cg_negative_curvature": "continue", "optimizer.cg_martens_tol": 0.0}),
         "seed000_simple_cnn_gd": Row(("build_mnist", "build_simple_cnn", "GradientDescent"), {
             "dtype": "float64", "trainer.batching": "full", "trainer.batch_size": None, "trainer.max_epochs": 80,
             "optimizer.step_size": "fixed"}),
@@ -107,9 +107,8 @@ def seed_rows() -> dict[str, Row]:
         rows[f"seed003_mnist_mlp_{method}"] = Row(("build_mnist", "build_mlp", optimizer), {
             "trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh", **facts})
     # seed 001, Tables 1 and 2: logistic regression on reshuffled / fixed batches
-    methods = {"newton_ls": ("Newton", {"optimizer.step_size": "armijo", "optimizer.damping": 0.0}),
-               "newton_nols": ("Newton", {"optimizer.step_size": "fixed", "optimizer.lr": 1.0,
-                                          "optimizer.damping": 0.0}),
+    methods = {"newton_ls": ("Newton", {"optimizer.step_size": "armijo"}),
+               "newton_nols": ("Newton", {"optimizer.step_size": "fixed", "optimizer.lr": 1.0}),
                "lbfgs": ("LBFGS", {}), "nlcg": ("NLCG", {})}
     batching = {"fixed": {"trainer.batching": "full", "trainer.max_epochs": 50},
                 "shuffled": {"trainer.batching": "shuffle", "trainer.batch_size": 500, "trainer.drop_last": True}}
@@ -131,13 +130,11 @@ def seed_rows() -> dict[str, Row]:
         for problem, noise in problems.items():
             l1, l2 = noise if isinstance(noise, tuple) else (noise, noise)
             rows[f"seed003_table1_{problem}_{method}"] = Row(("build_rosenbrock", "build_rosenbrock", optimizer), {
-                "dtype": "float64", "dataset.l1": l1, "dataset.l2": l2, "trainer.batch_size": 1,
-                **({"optimizer.damping": 0.0} if method == "newton" else {})})
+                "dtype": "float64", "dataset.l1": l1, "dataset.l2": l2, "trainer.batch_size": 1})
         rows[f"seed003_table1_rahimi_recht_{method}"] = Row(
             ("build_rahimi_recht", "build_two_layer_linear", optimizer),
             {"dtype": "float64", "dataset.condition": 1e5, "trainer.batching": "full",
-             **({"optimizer.curvature_fraction": 1.0} if method == "lm" else {}),
-             **({"optimizer.damping": 0.0} if method == "newton" else {})})
+             **({"optimizer.curvature_fraction": 1.0} if method == "lm" else {})})
     # seed 003, Table 2: CurveBall with / without lambda rescaling, SGD and Adam on four models
     models = {"basic": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": False}),
               "basic_bn": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": True}),

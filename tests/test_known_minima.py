@@ -19,8 +19,8 @@ TOL = 1e-4  # distance to (1, 1)
 CASES = [
     ("sgd", lambda p: SGD(p, lr=2e-3, momentum=0.9), 1126, 1400),
     ("adam", lambda p: Adam(p, lr=5e-2), 2084, 2600),
-    ("newton-explicit", lambda p: Newton(p, solver="explicit", damping=0.0), 19, 24),  # plain Newton (the default
-    ("newton-cg", lambda p: Newton(p, solver="cg", damping=0.0), 19, 24),              # damps for mini-batches)
+    ("newton-explicit", lambda p: Newton(p, solver="explicit"), 19, 24),
+    ("newton-cg", lambda p: Newton(p, solver="cg"), 19, 24),
     ("hf", lambda p: HessianFree(p), 15, 19),
     ("curveball", lambda p: CurveBall(p, damping=1.0), 30, 38),  # damping=10 (no-BN default): 213 steps
     ("lbfgs", lambda p: LBFGS(p), 35, 44),

@@ -1,7 +1,6 @@
 """Newton (explicit and CG) and gradient descent on float64 problems with known answers: linear least squares (one
 Newton step is exact), the deterministic Rosenbrock function (minimum (1, 1)), and 1 - cos(x) (plain Newton is drawn
-to the maximum at pi, seed 004's diverging baseline). They check plain Newton's mathematics: damping=0.0 where the
-default (lambda = 1, for mini-batches: optimizers/newton.py) would change the answer."""
+to the maximum at pi, seed 004's diverging baseline)."""
 import inspect
 import math
 import os
@@ -77,8 +76,7 @@ def run(opt, model, x, y, steps, loss="sse"):
 def test_explicit_newton_solves_least_squares_in_one_step(step_size):
     model, x, y, _, _, w_star = least_squares()
     assert (params_vector(model.parameters()) - w_star).abs().max() > 0.1
-    opt = Newton(model.parameters(), damping=0.0, solver="explicit", step_size=step_size)
-    stats = run(opt, model, x, y, 1, "mse")[0]
+    stats = run(Newton(model.parameters(), solver="explicit", step_size=step_size), model, x, y, 1, "mse")[0]
     assert (params_vector(model.parameters()) - w_star).abs().max() < 1e-10
     assert stats["solve"] == "solve" and stats["fallback"] == 0 and stats["step_size"] == 1.0
     assert stats["descent_cosine"] > 0
@@ -87,7 +85,7 @@ def test_explicit_newton_solves_least_squares_in_one_step(step_size):
 @pytest.mark.parametrize("cg_init", ["zero", "weights"])
 def test_cg_newton_solves_least_squares_in_one_step(cg_init):
     model, x, y, _, _, w_star = least_squares()
-    stats = run(Newton(model.parameters(), damping=0.0, solver="cg", cg_init=cg_init), model, x, y, 1, "mse")[0]
+    stats = run(Newton(model.parameters(), solver="cg", cg_init=cg_init), model, x, y, 1, "mse")[0]
     assert (params_vector(model.parameters()) - w_star).abs().max() < 1e-8
     assert stats["solve"] == "cg" and stats["cg/stop"] in ("martens", "tolerance")
     assert stats["cg/iters"] >= 10  # 10 unknowns: CG needs (at least) that many iterations to be exact
@@ -127,8 +125,7 @@ def test_singular_hessian_uses_pseudo_inverse():
 
     _, x, y, _, _, w_star = least_squares()
     model = LinearWithUnused()
-    opt = Newton(model.parameters(), damping=0.0, step_size="fixed", descent_check="none")
-    stats = run(opt, model, x, y, 1, "mse")[0]
+    stats = run(Newton(model.parameters(), step_size="fixed", descent_check="none"), model, x, y, 1, "mse")[0]
     assert stats["solve"] == "pinv" and abs(float(stats["min_eigenvalue"])) < 1e-12
     assert (params_vector(model.lin.parameters()) - w_star).abs().max() < 1e-10
     assert model.unused.item() == 1.0
@@ -152,8 +149,7 @@ def test_pseudo_inverse_survives_a_failing_float32_eigh(monkeypatch):
     w0 = model.weight.detach().clone()
     x0 = torch.cat([x[:, :3], torch.zeros(12, 1, dtype=torch.float64)], dim=1)
     monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
-    stats = run(Newton(model.parameters(), damping=0.0, step_size="fixed", descent_check="none"), model, x0.float(),
-                y.float(), 1,
+    stats = run(Newton(model.parameters(), step_size="fixed", descent_check="none"), model, x0.float(), y.float(), 1,
                 "mse")[0]
     expected = torch.linalg.lstsq(x0[:, :3], y).solution.T  # (2, 3): the fit on the three live inputs
     assert stats["solve"] == "pinv"
@@ -173,7 +169,7 @@ def test_undamped_newton_on_seed004_net_with_a_dead_unit_keeps_going():
     torch.manual_seed(0)
     splits = build_mnist(os.environ["CURVLAB_DATA"])
     model = build_mlp((1, 28, 28), 10, hidden=[2], activation="relu")
-    opt = Newton(model.parameters(), damping=0.0, step_size="fixed", lr=0.5, descent_check="none")
+    opt = Newton(model.parameters(), step_size="fixed", lr=0.5, descent_check="none")
     order = torch.randperm(len(splits.train.targets), generator=torch.Generator().manual_seed(0))
     solves = []
     for step in range(8):
@@ -194,7 +190,7 @@ def steps_to_minimum(opt, model, x, y, max_steps, tol=1e-6):
 @pytest.mark.parametrize("solver", ["explicit", "cg"])
 def test_newton_armijo_reaches_rosenbrock_minimum(solver):
     model, x, y = rosenbrock((-1.2, 1.0))  # H positive definite along the way: no fall-back
-    opt = Newton(model.parameters(), damping=0.0, solver=solver)
+    opt = Newton(model.parameters(), solver=solver)
     k, _ = steps_to_minimum(opt, model, x, y, 40)
     assert k is not None and k <= 25  # measured: 20 steps with either solver
 
@@ -205,8 +201,7 @@ def test_indefinite_start_falls_back_to_gradient_and_converges(check, threshold)
     u, v = model.xy.detach()
     hessian = torch.stack([torch.stack([2 - 400 * (v - u * u) + 800 * u * u, -400 * u]),
                            torch.stack([-400 * u, torch.tensor(200.0, dtype=torch.float64)])])
-    opt = Newton(model.parameters(), damping=0.0, descent_check=check, descent_threshold=threshold,
-                 track_min_eigenvalue=True)
+    opt = Newton(model.parameters(), descent_check=check, descent_threshold=threshold, track_min_eigenvalue=True)
     first = opt.step(Objective(model, "sse", x, y))
     assert first["fallback"] == 1 and first["descent_cosine"] < 0
     assert abs(float(first["min_eigenvalue"]) - float(torch.linalg.eigvalsh(hessian)[0])) < 1e-10
@@ -221,14 +216,14 @@ def test_indefinite_start_falls_back_to_gradient_and_converges(check, threshold)
 def test_fixed_step_fallback_is_a_gradient_step_with_fallback_lr():
     model, x, y = rosenbrock((-1.3, 1.7))
     w0 = params_vector(model.parameters())
-    stats = run(Newton(model.parameters(), damping=0.0, step_size="fixed", fallback_lr=1e-4), model, x, y, 1)[0]
+    stats = run(Newton(model.parameters(), step_size="fixed", fallback_lr=1e-4), model, x, y, 1)[0]
     assert stats["fallback"] == 1 and stats["step_size"] == 1e-4
     assert (params_vector(model.parameters()) - (w0 - 1e-4 * rosenbrock_grad(w0))).abs().max() < 1e-14
 
 
 def test_cg_negative_curvature_at_once_falls_back_to_gradient():
     model, x, y = rosenbrock((-0.5, 2.5))  # g^T H g < 0: CG's first direction has negative curvature
-    opt = Newton(model.parameters(), damping=0.0, solver="cg")
+    opt = Newton(model.parameters(), solver="cg")
     first = opt.step(Objective(model, "sse", x, y))
     assert first["cg/stop"] == "negative_curvature" and first["cg/iters"] == 0
     assert first["fallback"] == 1 and first["descent_cosine"] == 0 and first["line_search/success"] == 1
@@ -252,8 +247,8 @@ def test_cg_continue_solves_the_indefinite_newton_system_and_the_descent_check_d
     hessian, g = rosenbrock_hessian(w0), rosenbrock_grad(w0)
     assert float(torch.linalg.eigvalsh(hessian)[0]) < 0
     newton_step = -torch.linalg.solve(hessian, g)
-    opt = Newton(model.parameters(), damping=0.0, solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0,
-                 cg_tol=1e-10, step_size="fixed", fallback_lr=1e-4)
+    opt = Newton(model.parameters(), solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0, cg_tol=1e-10,
+                 step_size="fixed", fallback_lr=1e-4)
     stats = opt.step(Objective(model, "sse", x, y))
     assert (stats["cg/stop"], stats["cg/iters"], stats["cg/negative_directions"]) == ("tolerance", 2, 1)
     cosine = float(-g @ newton_step / (g.norm() * newton_step.norm()))
@@ -262,14 +257,13 @@ def test_cg_continue_solves_the_indefinite_newton_system_and_the_descent_check_d
     assert (params_vector(model.parameters()) - expected).abs().max() < 1e-9
     if not fallback:  # the default (stop) meets negative curvature at the first direction and falls back to -g
         model, x, y = rosenbrock(start)
-        stop = Newton(model.parameters(), damping=0.0, solver="cg").step(Objective(model, "sse", x, y))
+        stop = Newton(model.parameters(), solver="cg").step(Objective(model, "sse", x, y))
         assert (stop["cg/stop"], stop["cg/iters"], stop["fallback"]) == ("negative_curvature", 0, 1)
 
 
 def test_cg_continue_reaches_rosenbrock_minimum_from_an_indefinite_start():
     model, x, y = rosenbrock((-0.5, 2.5))
-    opt = Newton(model.parameters(), damping=0.0, solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0,
-                 cg_tol=1e-10)
+    opt = Newton(model.parameters(), solver="cg", cg_negative_curvature="continue", cg_martens_tol=0.0, cg_tol=1e-10)
     k, _ = steps_to_minimum(opt, model, x, y, 60)
     assert k is not None and k <= 25  # measured: 17 steps (the default, stopping CG, needs 22)
 
@@ -284,8 +278,7 @@ def test_absolute_slope_threshold_stalls_near_the_minimum():
     # Why the default check is the cosine: seed 000's literal g^T s > T with a fixed T < 0 rejects every Newton step
     # once g^T s ~ -2 f is above T, so the method degrades to gradient descent next to the minimiser.
     model, x, y = rosenbrock((-1.3, 1.7))
-    opt = Newton(model.parameters(), damping=0.0, descent_check="slope", descent_threshold=-1e-8)
-    stats = run(opt, model, x, y, 30)
+    stats = run(Newton(model.parameters(), descent_check="slope", descent_threshold=-1e-8), model, x, y, 30)
     assert all(s["fallback"] == 1 for s in stats[-5:])
     assert (params_vector(model.parameters()) - ONE).abs().max() > 1e-7
 
@@ -295,14 +288,14 @@ def test_plain_newton_goes_to_the_maximum_damped_newton_to_the_minimum():
     # x = pi (loss 2); with lambda = 2 > max|cos| the damped step -sin x / (cos x + 2) always descends.
     x, y = torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64)
     plain = OneMinusCos(2.0)
-    run(Newton(plain.parameters(), damping=0.0, step_size="fixed", descent_check="none"), plain, x, y, 6)
+    run(Newton(plain.parameters(), step_size="fixed", descent_check="none"), plain, x, y, 6)
     assert abs(plain.x.item() - math.pi) < 1e-10
     damped = OneMinusCos(2.0)
     run(Newton(damped.parameters(), damping=2.0, step_size="fixed", descent_check="none"), damped, x, y, 40)
     assert abs(damped.x.item()) < 1e-6
     # the globalised method (descent check + Armijo, no damping) also avoids the maximum
     guarded = OneMinusCos(2.0)
-    stats = run(Newton(guarded.parameters(), damping=0.0), guarded, x, y, 10)
+    stats = run(Newton(guarded.parameters()), guarded, x, y, 10)
     assert stats[0]["fallback"] == 1 and abs(guarded.x.item()) < 1e-8
 
 
@@ -310,8 +303,7 @@ def test_plain_newton_goes_to_the_maximum_damped_newton_to_the_minimum():
 def test_pretraining_steps_are_plain_gradient_steps():
     model, x, y = rosenbrock((-1.2, 1.0))
     gd_model, _, _ = rosenbrock((-1.2, 1.0))
-    opt = Newton(model.parameters(), damping=0.0, pretrain_steps=3, pretrain_lr=1e-3)
-    gd = GradientDescent(gd_model.parameters(), lr=1e-3)
+    opt, gd = Newton(model.parameters(), pretrain_steps=3, pretrain_lr=1e-3), GradientDescent(gd_model.parameters(), lr=1e-3)
     w = params_vector(model.parameters())
     for _ in range(3):
         stats = opt.step(Objective(model, "sse", x, y))
