@@ -5,9 +5,10 @@ margin, or whose training loss ends above where it started. Each method runs wit
 (its conf/optimizer/<name>.yaml) on the README's Quickstart problems, through the real runner:
 
 * default suite: ``python run.py optimizer=<name>`` (scikit-learn's digits, MLP 64-128-10, batch 128, 10 epochs,
-  evaluated after every epoch on 300 held-out images) for three seeds. Margin: 0.02 (6 images). Before issue 17 the
-  Hessian-free default failed here (seed 1: best 0.967, final 0.837; seed 4: 0.983 -> 0.557); SGD's own worst drop
-  over five seeds is 0.007.
+  evaluated after every epoch on 300 held-out images) for three seeds. Margin: 0.03 (9 images: three binomial standard
+  deviations of an accuracy near 0.97 on 300 images). Before issue 17 the Hessian-free default failed here (seed 1:
+  best 0.967, final 0.837; seed 4: 0.983 -> 0.557); over five seeds the worst drops are now 0.017 (HF), 0.017
+  (K-FAC), 0.003 (CurveBall), 0.010 (L-BFGS, NLCG), and SGD's own is 0.007.
 * slow suite (real MNIST): ``dataset=mnist model=mlp`` (batch 128) and K-FAC's Quickstart line
   ``dataset=mnist model=mlp_kfac trainer.batch_size=64``, 600 steps evaluated every 100 on the 10,000 test images.
   Margin: 0.01 (100 images).
@@ -24,8 +25,8 @@ from runner.metrics import read_jsonl
 from runner.train import train
 from runs import make_config
 
-# Not newton / newton_cg: plain Newton is the seeds' full-batch method, and no fixed damping makes the indefinite Hessian
-# of a mini-batch safe (optimizer=newton_cg on digits: 0.75 -> 0.44; damping 1 passes here but diverges on MNIST,
+# Not newton / newton_cg: plain Newton is the seeds' full-batch method, and no fixed damping makes the indefinite
+# Hessian of a mini-batch safe (optimizer=newton_cg on digits: 0.75 -> 0.44; damping 1 passes here but diverges on MNIST,
 # docs/_pending/h17def.md). Explicit Newton on this MLP would also build a 9,610 x 9,610 Hessian every step.
 SECOND_ORDER = ["hf", "curveball", "kfac", "lbfgs", "nlcg"]
 SEEDS = (0, 1, 2)
@@ -55,7 +56,7 @@ def degradation(rows: list[dict], margin: float) -> list[str]:
 def test_defaults_train_the_quickstart_digits_problem_without_degrading(tmp_path, method):
     for seed in SEEDS:
         rows = run(tmp_path / str(seed), f"optimizer={method}", f"seed={seed}")
-        assert not degradation(rows, margin=0.02), (method, seed, degradation(rows, margin=0.02))
+        assert not degradation(rows, margin=0.03), (method, seed, degradation(rows, margin=0.03))
 
 
 MNIST_RUNS = {  # the README's Quickstart lines on real MNIST, cut to 600 steps
