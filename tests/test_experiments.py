@@ -109,7 +109,7 @@ def seed_rows() -> dict[str, Row]:
     # seed 001, Tables 1 and 2: logistic regression on reshuffled / fixed batches
     methods = {"newton_ls": ("Newton", {"optimizer.step_size": "armijo"}),
                "newton_nols": ("Newton", {"optimizer.step_size": "fixed", "optimizer.lr": 1.0}),
-               "lbfgs": ("LBFGS", {}), "nlcg": ("NLCG", {})}
+               "lbfgs": ("LBFGS", {}), "nlcg": ("NLCG", {"optimizer.same_batch": False})}
     batching = {"fixed": {"trainer.batching": "full", "trainer.max_epochs": 50},
                 "shuffled": {"trainer.batching": "shuffle", "trainer.batch_size": 500, "trainer.drop_last": True}}
     for table, trainer in batching.items():
@@ -121,7 +121,8 @@ def seed_rows() -> dict[str, Row]:
         for layers, hidden in (("1l", [300]), ("2l", [300, 300])):
             rows[f"seed001_fashion_{method}_{layers}"] = Row(("build_fashion_mnist", "build_mlp", optimizer), {
                 "model.hidden": hidden, "optimizer.weight_decay": 0.01, "trainer.batching": "full",
-                "trainer.batch_size": None, "trainer.max_epochs": 100})
+                "trainer.batch_size": None, "trainer.max_epochs": 100,
+                **({"optimizer.same_batch": False} if method == "nlcg" else {})})
     # seed 003, Table 1: six optimisers on three Rosenbrock variants and Rahimi & Recht's problem, float64
     optimizers = {"sgd": "SGD", "adam": "Adam", "lm": "HessianFree", "bfgs": "LBFGS", "newton": "Newton",
                   "curveball": "CurveBall"}
