@@ -5,9 +5,9 @@
 One step on a batch, F the objective (the data loss, plus eta/2 |w|^2 under weight decay) and C its curvature:
 
 0. the curvature mini-batch: C is taken on the first ceil(curvature_fraction * B) samples of the batch of B, while
-   the gradient, rho, backtracking and the line search use all B (Martens 2010 sec. 4.3; Martens & Sutskever 2012,
-   "Training deep and recurrent networks with Hessian-free optimization", sec. 8.7: the curvature on a fraction of
-   the gradient's batch, rho on the gradient's batch). See "Mini-batches" below for why this is the default;
+   the gradient, rho, backtracking and the line search use all B ([Martens2010] sec. 4.3; [MartensSutskever2012],
+   "Training deep and recurrent networks with Hessian-free optimization": the curvature on a fraction of the
+   gradient's batch, rho on the gradient's batch). See "Mini-batches" below for why this is the default;
 1. gradient g of F, sharing its backward with the curvature products' set-up (``objective.gradient(curvature)``)
    when the curvature uses the whole batch;
 2. optional diagonal preconditioner M = (mean per-sample squared gradient + lambda + eta)^alpha, alpha = 0.75
@@ -32,7 +32,7 @@ the blown-up solution on and lambda climbs back by 1.5 a step). At batch 64 (see
 rho's dead band at 0.3 with rho ~0.5 and the loss stalls at 0.3. A rho measured on held-out samples instead is
 bounded by the gradient's signal-to-noise ratio whatever lambda is, and drove lambda to its cap (training froze).
 With the curvature on a quarter of the batch, rho on the whole batch sees the curvature's sampling error: lambda
-settles at 0.2-1.5 (digits), 1-3 (MNIST, batch 128), 0.4-8 (batch 64), and the runs improve monotonically up to the
+settles at 0.2-1.5 (digits), 1-3 (MNIST, batch 128), 0.4-11 (batch 64), and the runs improve monotonically up to the
 evaluation noise; the products are 4x cheaper. Numbers: docs/_pending/h17def.md. Seeds 002 and 004 and seed 003's
 Levenberg-Marquardt rows take the curvature on the whole batch (``curvature_fraction: 1`` in their files).
 

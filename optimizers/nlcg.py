@@ -9,8 +9,8 @@ descent test rarely resets, and the run degrades (``dataset=mnist model=mlp opti
 0.24 in 1,000 steps, training loss back at 2.0 from 2.3). With ``same_batch=true`` (the default) the previous point's
 loss and gradient are re-evaluated on the current batch (one extra gradient a step), so beta and the rate compare
 two points of ONE function, as conjugacy assumes; this is how online quasi-Newton methods form their gradient
-differences (Schraudolph, Yu & Guenter 2007, "A stochastic quasi-Newton method for online convex optimization",
-sec. 3.2: both gradients on the same sample). On a full or fixed batch both rules give the same steps;
+differences ([Schraudolph2007], "A stochastic quasi-Newton method for online convex optimization": both gradients
+of a pair on the same sample). On a full or fixed batch both rules give the same steps;
 ``same_batch=false`` is scipy's (seed 001's files, which count evaluations, set it).
 """
 from __future__ import annotations
