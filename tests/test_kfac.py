@@ -8,6 +8,9 @@
   whole step (weight decay included) equals the explicit update.
 * Moving averages, eigendecompositions every inverse_every steps, factors every factor_every steps, damping, the
   KL clip; state_dict round trips bit for bit (data parallelism: tests/test_distributed.py).
+* Martens & Grosse 2015 sec. 6 (``rescale``, ``adaptive_damping``): the step minimises the quadratic model of the
+  dense GGN over span(direction, previous update); lambda follows Levenberg-Marquardt on the batch's rho; gamma is
+  the candidate with the lowest dense model value.
 * Real MNIST: K-FAC reaches a held-out loss in fewer steps than SGD on seed 003's MLP; the basic CNN trains;
   ``python run.py optimizer=kfac ...`` end to end; bad options give one-line errors naming the key.
 """
