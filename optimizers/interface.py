@@ -60,6 +60,8 @@ class ObjectiveLike(Protocol):
     @property
     def micro_batch_size(self) -> int | None: ...  # None: one forward pass over the whole batch
 
+    def set_curvature_batch_size(self, size: int) -> None: ...  # a method's curvature sub-batch, before any product
+
     @property
     def l2(self) -> float: ...  # eta of the weight decay in this objective (0: none)
 

@@ -55,6 +55,12 @@ class MicroBatchedObjective:
         self._cache: dict[str, Tensor] = {}
         self._versions: tuple[int, ...] | None = None
 
+    def set_curvature_batch_size(self, size: int) -> None:
+        """A curvature sub-batch is not supported with micro-batches (as ``objective.curvature_batch_size``)."""
+        raise checks.OptionError(
+            f"a curvature mini-batch of {size} samples (the optimizer's curvature_fraction) cannot be combined with "
+            "objective.micro_batch_size: set optimizer.curvature_fraction=1 or objective.micro_batch_size=null.")
+
     # ------------------------------------------------------------------ the pieces
     def _each(self, fn: Callable[[Objective], Any]) -> Iterator[Any]:
         """fn(piece) for every micro-batch, releasing each piece's graph before the next one is built."""

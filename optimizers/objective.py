@@ -261,6 +261,13 @@ class Objective:
         cb = self._curvature_batch()
         return self.loss_fn.output_grad(cb.outputs, cb.targets)
 
+    def set_curvature_batch_size(self, size: int) -> None:
+        """Take curvature products on the batch's first ``size`` samples from now on (a method's own default for
+        ``curvature_batch_size``, e.g. Hessian-free's curvature mini-batch). Must precede the first product."""
+        if self._curv is not None:
+            raise RuntimeError("set_curvature_batch_size must be called before the first curvature product")
+        self.curvature_batch_size = checks.positive_int("curvature batch size", size)
+
     @property
     def _curvature_on_whole_batch(self) -> bool:
         k = self.curvature_batch_size

@@ -73,6 +73,9 @@ class WeightDecayed:
     def micro_batch_size(self) -> int | None:
         return self.inner.micro_batch_size
 
+    def set_curvature_batch_size(self, size: int) -> None:
+        self.inner.set_curvature_batch_size(size)
+
     # ---------------------------------------------------------------- loss and gradient: F's
     def loss(self) -> Tensor:
         self._data_loss = self.inner.loss()

@@ -86,13 +86,14 @@ def seed_rows() -> dict[str, Row]:
             "diagnostics.every": 200}),
         "seed002_sine_hf": Row(("build_sine", "build_mlp", "HessianFree"), {
             "trainer.batch_size": 1000, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3,
-            "optimizer.line_search": False, "model.hidden": [15, 15]}),
+            "optimizer.line_search": False, "optimizer.curvature_fraction": 1.0, "model.hidden": [15, 15]}),
         "seed002_sine_sgd": Row(("build_sine", "build_mlp", "SGD"), {"trainer.batch_size": 100, "optimizer.lr": 0.05}),
         "seed002_mnist_hf": Row(("build_mnist", "build_mlp", "HessianFree"), {
             "trainer.batch_size": 1000, "optimizer.damping_factor": 1.5, "optimizer.cg_min_iters": 3,
-            "optimizer.cg_martens_tol": 5e-4, "model.hidden": [800]}),
+            "optimizer.cg_martens_tol": 5e-4, "optimizer.curvature_fraction": 1.0, "model.hidden": [800]}),
         "seed002_mnist_hf_small_batch": Row(("build_mnist", "build_mlp", "HessianFree"), {
-            "trainer.batch_size": 75, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3}),
+            "trainer.batch_size": 75, "optimizer.damping_factor": 1.01, "optimizer.cg_min_iters": 3,
+            "optimizer.curvature_fraction": 1.0}),
         "seed002_mnist_sgd": Row(("build_mnist", "build_mlp", "SGD"), {
             "trainer.batch_size": 100, "optimizer.lr": 0.1, "optimizer.momentum": 0.0, "model.hidden": [800]}),
         "seed003_mnist_kfac_mlp_curveball": Row(("build_mnist", "build_mlp", "CurveBall"), {
@@ -101,13 +102,14 @@ def seed_rows() -> dict[str, Row]:
     # seed 003 sec. 4 (issue 10): K-FAC vs CurveBall vs Adam vs SGD (and HF, issue 8) on the 128-64-32-10 tanh MLP, one file each
     for method, optimizer, facts in (("kfac", "KFAC", {"optimizer.damping": 1.0}), ("curveball", "CurveBall", {}),
                                      ("adam", "Adam", {"optimizer.lr": 0.001}), ("sgd", "SGD", {"optimizer.lr": 0.03}),
-                                     ("hf", "HessianFree", {"optimizer.damping_factor": 1.01})):
+                                     ("hf", "HessianFree", {"optimizer.damping_factor": 1.5,
+                                                            "optimizer.curvature_fraction": 0.25})):
         rows[f"seed003_mnist_mlp_{method}"] = Row(("build_mnist", "build_mlp", optimizer), {
             "trainer.batch_size": 64, "model.hidden": [128, 64, 32], "model.activation": "tanh", **facts})
     # seed 001, Tables 1 and 2: logistic regression on reshuffled / fixed batches
     methods = {"newton_ls": ("Newton", {"optimizer.step_size": "armijo"}),
                "newton_nols": ("Newton", {"optimizer.step_size": "fixed", "optimizer.lr": 1.0}),
-               "lbfgs": ("LBFGS", {}), "nlcg": ("NLCG", {})}
+               "lbfgs": ("LBFGS", {}), "nlcg": ("NLCG", {"optimizer.same_batch": False})}
     batching = {"fixed": {"trainer.batching": "full", "trainer.max_epochs": 50},
                 "shuffled": {"trainer.batching": "shuffle", "trainer.batch_size": 500, "trainer.drop_last": True}}
     for table, trainer in batching.items():
@@ -119,7 +121,8 @@ def seed_rows() -> dict[str, Row]:
         for layers, hidden in (("1l", [300]), ("2l", [300, 300])):
             rows[f"seed001_fashion_{method}_{layers}"] = Row(("build_fashion_mnist", "build_mlp", optimizer), {
                 "model.hidden": hidden, "optimizer.weight_decay": 0.01, "trainer.batching": "full",
-                "trainer.batch_size": None, "trainer.max_epochs": 100})
+                "trainer.batch_size": None, "trainer.max_epochs": 100,
+                **({"optimizer.same_batch": False} if method == "nlcg" else {})})
     # seed 003, Table 1: six optimisers on three Rosenbrock variants and Rahimi & Recht's problem, float64
     optimizers = {"sgd": "SGD", "adam": "Adam", "lm": "HessianFree", "bfgs": "LBFGS", "newton": "Newton",
                   "curveball": "CurveBall"}
@@ -131,7 +134,8 @@ def seed_rows() -> dict[str, Row]:
                 "dtype": "float64", "dataset.l1": l1, "dataset.l2": l2, "trainer.batch_size": 1})
         rows[f"seed003_table1_rahimi_recht_{method}"] = Row(
             ("build_rahimi_recht", "build_two_layer_linear", optimizer),
-            {"dtype": "float64", "dataset.condition": 1e5, "trainer.batching": "full"})
+            {"dtype": "float64", "dataset.condition": 1e5, "trainer.batching": "full",
+             **({"optimizer.curvature_fraction": 1.0} if method == "lm" else {})})
     # seed 003, Table 2: CurveBall with / without lambda rescaling, SGD and Adam on four models
     models = {"basic": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": False}),
               "basic_bn": ("build_cifar10", "build_cifar_basic_cnn", 128, {"model.batch_norm": True}),
@@ -149,7 +153,8 @@ def seed_rows() -> dict[str, Row]:
     newton = {"optimizer.solver": "explicit", "optimizer.step_size": "fixed", "optimizer.lr": 0.5,
               "optimizer.descent_check": "none"}
     hf = {"optimizer.damping_factor": 1.0, "optimizer.lr": 0.5, "optimizer.line_search": False,
-          "optimizer.backtrack": False, "optimizer.preconditioner": False, "optimizer.warm_start_decay": 0.0}
+          "optimizer.backtrack": False, "optimizer.preconditioner": False, "optimizer.warm_start_decay": 0.0,
+          "optimizer.curvature_fraction": 1.0}
     rows |= {
         "seed004_sgd": Row(("build_mnist", "build_mlp", "SGD"), {
             **base, "optimizer.lr": 0.1, "optimizer.momentum": 0.0}),

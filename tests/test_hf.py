@@ -75,7 +75,9 @@ def test_linear_least_squares_is_solved_in_one_step():
     sol = torch.linalg.lstsq(design, y).solution  # (5, 3): weight^T stacked on the bias
     w_star = torch.cat([sol[:4].T.reshape(-1), sol[4]])
     model = linear_model()
-    opt = HessianFree(model.parameters(), damping=1e-10, min_damping=1e-12, cg_martens_tol=0.0, cg_tol=1e-14)
+    # curvature_fraction=1: the whole batch's GGN (the default takes it on a quarter of the batch, Martens 2010 sec. 4.3)
+    opt = HessianFree(model.parameters(), damping=1e-10, min_damping=1e-12, cg_martens_tol=0.0, cg_tol=1e-14,
+                      curvature_fraction=1.0)
     stats = opt.step(Objective(model, "mse", x, y))
     # GGN = exact Hessian for a linear model and squared error: one damped Newton step lands on the minimiser.
     assert (flat(model) - w_star).abs().max() < 1e-8
@@ -93,7 +95,7 @@ def test_weight_decay_reaches_the_ridge_minimiser():
     # F = L + eta/2 |w|^2 is quadratic: its minimiser is one exact Newton step away.
     w_star = w - torch.linalg.solve(h + eta * torch.eye(w.numel()), g + eta * w)
     opt = HessianFree(model.parameters(), weight_decay=eta, damping=1e-10, min_damping=1e-12,
-                      cg_martens_tol=0.0, cg_tol=1e-14)
+                      cg_martens_tol=0.0, cg_tol=1e-14, curvature_fraction=1.0)  # exact Newton: the whole batch
     for _ in range(2):
         opt.step(Objective(model, "mse", x, y))
     assert (flat(model) - w_star).abs().max() < 1e-8
@@ -159,10 +161,12 @@ def test_failed_line_search_leaves_the_weights_and_raises_damping():
 
 @pytest.mark.parametrize("exact_model", [False, True])
 def test_damping_goes_down_after_a_good_step(exact_model):
-    # A quadratic objective: the model is exact, rho = 1 (whether q(p) comes from CG's phi or an extra product).
+    # A quadratic objective: the model (the whole batch's GGN) is exact, rho = 1 (whether q(p) comes from CG's phi or
+    # an extra product).
     x, y = least_squares()
     model = linear_model()
-    opt = HessianFree(model.parameters(), damping=0.3, damping_factor=2.0, exact_model=exact_model)
+    opt = HessianFree(model.parameters(), damping=0.3, damping_factor=2.0, exact_model=exact_model,
+                      curvature_fraction=1.0)
     stats = opt.step(Objective(model, "mse", x, y))
     assert stats["reduction_ratio"] == pytest.approx(1.0, abs=1e-9)
     assert opt.damping == pytest.approx(0.15)
@@ -173,7 +177,7 @@ def test_damping_goes_down_after_a_good_step(exact_model):
 def test_damping_is_clamped():
     x, y = least_squares()
     model = linear_model()
-    opt = HessianFree(model.parameters(), damping=0.3, min_damping=0.25)
+    opt = HessianFree(model.parameters(), damping=0.3, min_damping=0.25, curvature_fraction=1.0)  # rho = 1
     opt.step(Objective(model, "mse", x, y))
     assert opt.damping == 0.25
 

@@ -61,6 +61,8 @@ CHECKS = {
     "numel": (lambda o, v, d, u: o.numel, None),
     "curvature_batch_size": (lambda o, v, d, u: o.curvature_batch_size, None),
     "micro_batch_size": (lambda o, v, d, u: o.micro_batch_size, None),  # PIECE for the micro-batched one
+    "set_curvature_batch_size": (lambda o, v, d, u: (o.set_curvature_batch_size(5), o.curvature_batch_size,
+                                                     o.ggn_vp(v))[1:], lambda w, v, d: (0, ETA * v)),
     "l2": (lambda o, v, d, u: o.l2, lambda w, v, d: ETA),
     "loss": (lambda o, v, d, u: o.loss(), lambda w, v, d: ETA / 2 * w.dot(w)),
     "gradient": (lambda o, v, d, u: o.gradient("ggn"), lambda w, v, d: ETA * w),
@@ -134,6 +136,10 @@ def test_every_member_gives_the_plain_objectives_value(kind, member):
     v, delta, u = vectors(reference.numel)
     w = params_vector(reference_model.parameters())
     call, regulariser = CHECKS[member]
+    if kind == "micro_batched" and member == "set_curvature_batch_size":  # no curvature sub-batch on micro-batches
+        with pytest.raises(OptionError, match=r"optimizer\.curvature_fraction=1 or objective\.micro_batch_size"):
+            call(make(kind, model()), v, delta, u)
+        return
     got, expected = call(objective, v, delta, u), call(reference, v, delta, u)
     if member == "model":
         assert got is mine

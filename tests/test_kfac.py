@@ -8,6 +8,9 @@
   whole step (weight decay included) equals the explicit update.
 * Moving averages, eigendecompositions every inverse_every steps, factors every factor_every steps, damping, the
   KL clip; state_dict round trips bit for bit (data parallelism: tests/test_distributed.py).
+* Martens & Grosse 2015 sec. 6 (``rescale``, ``adaptive_damping``): the step minimises the quadratic model of the
+  dense GGN over span(direction, previous update); lambda follows Levenberg-Marquardt on the batch's rho; gamma is
+  the candidate with the lowest dense model value.
 * Real MNIST: K-FAC reaches a held-out loss in fewer steps than SGD on seed 003's MLP; the basic CNN trains;
   ``python run.py optimizer=kfac ...`` end to end; bad options give one-line errors naming the key.
 """
@@ -310,7 +313,9 @@ def test_uncovered_parameters_take_the_fallback():
 # ---------------------------------------------------------------- state, bad input
 
 
-def test_state_dict_round_trips_bit_for_bit():
+@pytest.mark.parametrize("extra", [{}, dict(rescale=True, adaptive_damping=True, kl_clip=None, damping_every=2,
+                                            gamma_every=3)], ids=["kl-clip", "rescaled-adaptive"])
+def test_state_dict_round_trips_bit_for_bit(extra):
     def make():
         torch.manual_seed(0)
         return nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
@@ -318,7 +323,7 @@ def test_state_dict_round_trips_bit_for_bit():
 
     batches = [(torch.randn(8, 1, 6, 6, generator=torch.Generator().manual_seed(s)), torch.arange(8) % 4)
                for s in range(7)]
-    options = dict(lr=0.05, inverse_every=2, uncovered="adam", weight_decay=1e-3)  # fisher: sampled (random)
+    options = dict(lr=0.05, inverse_every=2, uncovered="adam", weight_decay=1e-3, **extra)  # fisher: sampled (random)
     model = make()
     opt = KFAC(model.parameters(), **options)
     for x, y in batches[:3]:
@@ -340,6 +345,104 @@ def test_state_dict_round_trips_bit_for_bit():
         assert torch.equal(p, q)
     assert all(torch.equal(a, b) for a, b in zip(opt.state_dict()["blocks"]["0"].values(),
                                                  opt2.state_dict()["blocks"]["0"].values()))
+    assert (opt.lam, opt.gamma) == (opt2.lam, opt2.gamma)
+
+
+# ---------------------------------------------------------------- Martens & Grosse 2015 sec. 6: the exact quadratic model
+
+
+def dense_model_minimum(model, x, y, eta, lam, grad, vectors):
+    """argmin over span(vectors) of M(d) = g'd + 1/2 d'(G + (lam + eta) I)d with the dense GGN G (oracles.py)."""
+    from oracles import dense_ggn
+    v = torch.stack(vectors, dim=1)                               # (P, k)
+    a = v.T @ (dense_ggn(model, "cross_entropy", x, y) + (lam + eta) * torch.eye(v.shape[0], dtype=F64)) @ v
+    coef = -torch.linalg.solve(a, v.T @ grad)
+    return coef, v @ coef, 0.5 * coef.dot(v.T @ grad)
+
+
+@pytest.mark.parametrize("steps", [1, 2], ids=["first-step", "with-previous-update"])
+def test_rescaled_step_minimises_the_dense_quadratic_model(steps):
+    """rescale=true: the update is alpha Delta + mu delta0 minimising the exact (dense GGN) quadratic model over the
+    span of the K-FAC direction and the previous update (sec. 6.4, 7); first step: alpha alone."""
+    from oracles import dense_gradient, flat_params
+    model, x, y = mlp_and_batch(b=9)
+    eta, lam = 1e-3, 0.1
+    opt = KFAC(model.parameters(), rescale=True, kl_clip=None, damping=lam, weight_decay=eta, fisher="empirical")
+    batches = [(x, y), (torch.randn(9, 5, dtype=F64, generator=torch.Generator().manual_seed(3)), y.flip(0))]
+    for xb, yb in batches[:steps - 1]:
+        opt.step(Objective(model, "cross_entropy", xb, yb))
+    xb, yb = batches[steps - 1]
+    before, w0, prev = copy.deepcopy(model), flat_params(model), opt.momentum_buffer.clone()
+    stats = opt.step(Objective(model, "cross_entropy", xb, yb))
+    g = dense_gradient(before, "cross_entropy", xb, yb) + eta * w0
+    delta = -opt._direction(g, 1.0, opt.gamma, clip=False, update_adam=False)[0]  # the factors this step used
+    vectors = [delta] + ([prev] if steps > 1 else [])
+    coef, step, minimum = dense_model_minimum(before, xb, yb, eta, lam, g, vectors)
+    assert torch.allclose(flat_params(model) - w0, step, rtol=0, atol=1e-10 * step.norm().item())
+    assert stats["kfac/alpha"] == pytest.approx(coef[0].item(), rel=1e-8)
+    assert stats["kfac/mu"] == (pytest.approx(coef[1].item(), rel=1e-8) if steps > 1 else 0.0)
+    assert stats["kfac/model_change"] == pytest.approx(minimum.item(), rel=1e-8)
+    assert stats["curv/jvp_products"] == len(vectors)  # the extra cost of the exact model, in the step statistics
+
+
+def test_adaptive_damping_is_levenberg_marquardt_on_the_batch():
+    """Every T1 steps rho = (h(w + delta) - h(w)) / M(delta) on the step's batch; rho > 3/4 multiplies lambda by
+    omega1 = (19/20)^T1, rho < 1/4 divides by it (sec. 6.5). On a linear least-squares batch the model is exact but
+    for its damping term, so rho > 1 and lambda falls."""
+    from optimizers.kfac.quadratic_model import levenberg_marquardt
+    omega = (19 / 20) ** 5
+    assert levenberg_marquardt(1.0, 0.8, omega) == omega and levenberg_marquardt(1.0, 0.2, omega) == 1 / omega
+    assert levenberg_marquardt(1.0, 0.5, omega) == 1.0 and levenberg_marquardt(1.0, math.nan, omega) == 1 / omega
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 3).to(F64)
+    x, y = torch.randn(20, 4, dtype=F64), torch.randn(20, 3, dtype=F64)
+    opt = KFAC(layer.parameters(), rescale=True, adaptive_damping=True, kl_clip=None, damping=0.5, damping_every=2,
+               gamma_every=1000, fisher="empirical")
+    lams = []
+    for step in range(1, 5):
+        loss0 = ((layer(x) - y) ** 2).mean().item()
+        stats = opt.step(Objective(layer, "mse", x, y))
+        lams.append(opt.lam)
+        if step % 2 == 0:
+            change = ((layer(x) - y) ** 2).mean().item() - loss0
+            assert stats["kfac/rho"] == pytest.approx(change / stats["kfac/model_change"], rel=1e-10)
+            assert stats["kfac/rho"] > 1.0
+        else:
+            assert "kfac/rho" not in stats
+    assert lams == pytest.approx([0.5, 0.5 * omega ** 0.4, 0.5 * omega ** 0.4, 0.5 * omega ** 0.8])
+
+
+def test_gamma_is_chosen_greedily_every_t2_steps():
+    """Every T2 steps gamma becomes the candidate in {gamma, omega2 gamma, gamma / omega2}, omega2 = (19/20)^T2, whose
+    rescaled update has the lowest exact-model value (sec. 6.6); gamma starts at lambda + eta."""
+    from oracles import dense_gradient, flat_params
+    model, x, y = mlp_and_batch(b=9)
+    eta, lam = 1e-3, 0.05
+    opt = KFAC(model.parameters(), rescale=True, adaptive_damping=True, kl_clip=None, damping=lam,
+               weight_decay=eta, fisher="empirical", gamma_every=2, damping_every=1000)
+    opt.step(Objective(model, "cross_entropy", x, y))
+    gamma0, omega2 = opt.gamma, (19 / 20) ** 2
+    assert gamma0 == pytest.approx(lam + eta)
+    before, prev = copy.deepcopy(model), opt.momentum_buffer.clone()
+    stats = opt.step(Objective(model, "cross_entropy", x, y))
+    g = dense_gradient(before, "cross_entropy", x, y) + eta * flat_params(before)
+    values = {}
+    for gamma in (gamma0, gamma0 * omega2, gamma0 / omega2):
+        delta = -opt._direction(g, 1.0, gamma, clip=False, update_adam=False)[0]
+        values[gamma] = dense_model_minimum(before, x, y, eta, lam, g, [delta, prev])[2].item()
+    best = min(values, key=values.get)
+    assert opt.gamma == best and stats["damping"] == best
+    assert stats["kfac/model_change"] == pytest.approx(values[best], rel=1e-8)
+    assert stats["curv/jvp_products"] == 4  # three candidate directions and the previous update
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rescale": True}, r"optimizer\.kl_clip=0\.001 must be null with optimizer\.rescale=true"),
+    ({"adaptive_damping": True}, r"optimizer\.adaptive_damping=True needs optimizer\.rescale=true"),
+])
+def test_quadratic_model_options_are_checked(options, message):
+    with pytest.raises(OptionError, match=message):
+        KFAC(nn.Linear(2, 2).parameters(), **options)
 
 
 @pytest.mark.parametrize("options, message", [

@@ -1,6 +1,8 @@
 """L-BFGS, NLCG and the finite-difference gradient test (seed 001) on small float64 problems with known answers."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import scipy.optimize
@@ -181,6 +183,41 @@ def test_nlcg_restarts_every_n_steps():
     opt = NLCG(model.parameters(), restart_every=3, ls_c=1e-10, ls_c2=1e-8)
     flags = [opt.step(Objective(model, "mse", x, y))["restart"] for _ in range(7)]
     assert flags == [1, 0, 0, 1, 0, 0, 1]
+
+
+def test_nlcg_same_batch_rule_changes_nothing_on_a_fixed_batch():
+    """On one batch the previous point re-evaluated is the previous step's own loss and gradient: the default
+    (same_batch) and scipy's rule take the same steps; only the extra evaluation differs."""
+    x, y, _ = least_squares(n=8)
+    runs = {}
+    for same_batch in (True, False):
+        torch.manual_seed(0)
+        model = nn.Linear(8, 1).to(DTYPE)
+        opt = NLCG(model.parameters(), same_batch=same_batch)
+        flags = [opt.step(Objective(model, "mse", x, y))["nlcg/reevaluated"] for _ in range(6)]
+        runs[same_batch] = (torch.cat([p.detach().reshape(-1) for p in model.parameters()]), flags)
+    assert torch.allclose(runs[True][0], runs[False][0], rtol=0, atol=1e-12)
+    assert runs[True][1] == [0, 1, 1, 1, 1, 1] and runs[False][1] == [0] * 6
+
+
+def test_nlcg_same_batch_beta_compares_two_points_of_the_current_batch():
+    """Resampled batches: beta_PR = g'(g - g_prev) / |g_prev|^2 with g_prev the gradient at the PREVIOUS point on the
+    CURRENT batch (Schraudolph et al. 2007), computed here with torch.func on copies of the model."""
+    from oracles import dense_gradient
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).to(DTYPE)
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(12, 5, generator=gen, dtype=DTYPE), torch.randint(0, 3, (12,), generator=gen))
+               for _ in range(3)]
+    opt = NLCG(model.parameters())
+    for x, y in batches[:2]:
+        before = copy.deepcopy(model)
+        opt.step(Objective(model, "cross_entropy", x, y))
+    x, y = batches[2]
+    g_prev, g = dense_gradient(before, "cross_entropy", x, y), dense_gradient(model, "cross_entropy", x, y)
+    stats = opt.step(Objective(model, "cross_entropy", x, y))
+    expected = max(0.0, float(g.dot(g - g_prev) / g_prev.dot(g_prev)))
+    assert float(stats["beta"]) == pytest.approx(expected, rel=1e-9) and expected > 0
 
 
 # ---------------------------------------------------------------- checkpoints and configuration

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimizers import Objective, OptionError
+from optimizers import HessianFree, Objective, OptionError
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.vec import params_vector
 from tests import registry
@@ -65,6 +65,15 @@ def test_methods_take_the_whole_batch_step_or_refuse_micro_batches(name):
                 return
         runs.append(params_vector(m.parameters()))
     assert close(runs[1], runs[0], 1e-10)
+
+
+def test_a_curvature_mini_batch_is_refused_with_micro_batches():
+    """Hessian-free's default curvature mini-batch (a quarter of the batch) is not available on micro-batches: a clear
+    error naming both keys, never a silent change of the method."""
+    m, (x, y) = model(), batch()
+    opt = HessianFree(m.parameters())
+    with pytest.raises(OptionError, match=r"optimizer\.curvature_fraction=1 or objective\.micro_batch_size=null"):
+        opt.step(MicroBatchedObjective(m, "cross_entropy", x, y, micro_batch_size=3))
 
 
 def test_only_one_piece_is_alive_at_a_time():

@@ -63,7 +63,7 @@ def run(folder: Path, *overrides: str) -> Path:
     [*BN_DROPOUT, "diagnostics.mode=eval"],
     ["model.hidden=[16]", "optimizer=kfac"],    # K-FAC's hooks on the layers must not see the diagnostics
     ["model.hidden=[16]", "optimizer=hf", "objective.curvature_batch_size=32"],
-    ["model.hidden=[16]", "optimizer=hf", "objective.micro_batch_size=24"],
+    ["model.hidden=[16]", "optimizer=hf", "objective.micro_batch_size=24", "optimizer.curvature_fraction=1"],
 ], ids=["bn-dropout-train", "bn-dropout-eval", "kfac", "hf-sub-batch", "hf-micro-batches"])
 def test_diagnostics_leave_the_trajectory_bitwise_unchanged(tmp_path, overrides):
     plain = run(tmp_path / "plain", *overrides)
