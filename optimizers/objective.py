@@ -338,8 +338,10 @@ class Objective:
 
     def per_sample_grad_sq_mean(self) -> Tensor:
         """Mean over the batch of squared per-sample gradients (flat), for Martens' diagonal preconditioner
-        (``optimizers.per_sample``). Taken with the network in eval mode: a single sample has no batch statistics,
-        and the preconditioner is a heuristic (Martens 2010 sec. 4.7)."""
+        (``optimizers.per_sample``). Taken with the network in eval mode (dropout and stochastic depth off, batch norm
+        on its running statistics): in train mode a sample's gradient is not its own (batch norm mixes the samples
+        through the batch statistics) and no closed form or vmap over samples can redraw the batch's masks. The
+        preconditioner is a heuristic (Martens 2010 sec. 4.7): it changes how fast CG converges, not its solution."""
         was_training = self.model.training
         self.model.eval()
         try:
