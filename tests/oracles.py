@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -138,9 +139,17 @@ class DenseObjective:
         self.numel = sum(p.numel() for p in self.params)
         self.w = flat_params(model)
         self._loss = loss_fn(model, loss, x, y, seed, pieces)
-        self.G = dense_ggn(model, loss, x, y, seed, pieces)
-        self.H = dense_hessian(model, loss, x, y, seed=seed, pieces=pieces)
-        self.g = dense_gradient(model, loss, x, y, seed, pieces)
+        self._args = (model, loss, x, y, seed, pieces)
+        self.g = dense_gradient(*self._args)
+
+    @functools.cached_property
+    def G(self) -> Tensor:
+        return dense_ggn(*self._args)
+
+    @functools.cached_property
+    def H(self) -> Tensor:
+        model, loss, x, y, seed, pieces = self._args
+        return dense_hessian(model, loss, x, y, seed=seed, pieces=pieces)
 
     def loss(self) -> Tensor:
         return self._loss(self.w).detach()

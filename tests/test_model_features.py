@@ -136,7 +136,7 @@ FEATURES = {
     "shared": Feature("one weight shared by two layers", TiedLayers),
     "timm": Feature("timm ViT with stochastic depth (drop_path_rate=0.5)", _timm_vit, (1, 4, 4)),
 }
-SLOW = {"timm"}  # dense oracles of ~200 parameters through attention: seconds per cell
+SLOW = {"timm"}  # its dense G and H (339 parameters, through attention) take seconds: those cells are marked slow
 
 
 def trainable(model: nn.Module) -> list[Tensor]:
@@ -217,6 +217,15 @@ def diagnostic_columns() -> list[str]:
     return [*DIAGNOSTICS, "surface"]
 
 
+def slow(feature: str, column: str) -> bool:
+    """Cells of a SLOW feature whose check needs the dense G or H (a refusal needs neither)."""
+    if feature not in SLOW or expected(feature, column) == "refused":
+        return False
+    if column in optimizer_columns():
+        return column in ("newton", "newton_cg", "hf", "curveball")
+    return column not in ("gradient", "per_sample", "gradcheck", "surface")
+
+
 def expected(feature: str, column: str) -> str:
     if (feature, column) in REFUSED:
         return "refused"
@@ -283,7 +292,7 @@ def _micro_batch(feature: str) -> None:
     assert rel(obj.hessian_matrix(), ref.H) < TOL
 
 
-BACKEND_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if f in SLOW else [], id=f"{f}-{c}")
+BACKEND_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if slow(f, c) else [], id=f"{f}-{c}")
                  for f in FEATURES for c in backend_columns()]
 
 
@@ -512,7 +521,7 @@ REFERENCE_CHECKS: dict[str, Callable[[str, str, Trajectory], None]] = {
     "gd": _gd, "newton": _newton, "newton_cg": _newton, "hf": _hf, "curveball": _curveball, "nlcg": _nlcg,
 }
 
-OPTIMIZER_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if f in SLOW else [], id=f"{f}-{c}")
+OPTIMIZER_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if slow(f, c) else [], id=f"{f}-{c}")
                    for f in FEATURES for c in optimizer_columns()]
 
 
@@ -562,7 +571,7 @@ def run_diagnostic(feature: str, column: str) -> None:
         assert got[key] == pytest.approx(want[key], rel=1e-7, abs=1e-9), key
 
 
-DIAGNOSTIC_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if f in SLOW else [], id=f"{f}-{c}")
+DIAGNOSTIC_CELLS = [pytest.param(f, c, marks=[pytest.mark.slow] if slow(f, c) else [], id=f"{f}-{c}")
                     for f in FEATURES for c in diagnostic_columns()]
 
 

@@ -18,6 +18,9 @@ One step (``update``), with lr the scheduled learning rate and gamma the damping
 6. heavy-ball momentum on the whole direction u: m <- mu m + u; w <- w - lr m (as torch's SGD, which the authors'
    PyTorch ports apply to the preconditioned gradient).
 
+Two covered layers that share a parameter (tied weights) are refused at the first step: a Kronecker block belongs to
+one layer, so each block would precondition the shared gradient in turn and the KL clip would count it twice.
+
 Weight decay eta comes from the base class (the gradient gains eta w); its curvature eta I joins the damping:
 gamma + eta (Martens & Grosse 2015 sec. 6.1 add the regulariser's curvature to the damped Fisher the same way).
 """
