@@ -342,14 +342,15 @@ class Objective:
         on its running statistics): in train mode a sample's gradient is not its own (batch norm mixes the samples
         through the batch statistics) and no closed form or vmap over samples can redraw the batch's masks. The
         preconditioner is a heuristic (Martens 2010 sec. 4.7): it changes how fast CG converges, not its solution."""
-        was_training = self.model.training
-        self.model.eval()
+        modes = [(m, m.training) for m in self.model.modules()]  # per module: a frozen backbone's eval-mode batch
+        self.model.eval()                                        # norm must stay in eval mode afterwards
         try:
             sums = grad_sq_sums(self.model, self.loss_fn, self.inputs, self.targets, self._named,
                                 functools.partial(call, self.model), self.per_sample_chunk)
             return self.reduce(flatten(sums) / self.inputs.shape[0])
         finally:
-            self.model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def hessian_matrix(self, chunk_size: int = 512) -> Tensor:
         """Explicit Hessian (P, P) of the curvature-batch loss, for small models (explicit Newton, full spectra):

@@ -2,7 +2,7 @@
 model features users bring, in float64 against ground truth that shares no code with curvlab (tests/oracles.py).
 
 Rows are model features (``FEATURES``): dropout in train mode, batch norm in train and in eval mode, a frozen
-parameter, a layer the forward never uses, one weight shared by two layers, and a timm vision transformer with
+backbone (frozen parameters, a batch norm in eval mode in a train-mode network), a layer the forward never uses, one weight shared by two layers, and a timm vision transformer with
 stochastic depth (drop_path_rate > 0, train mode). Columns come from the library's registries, so a new backend,
 optimiser or diagnostic is covered without editing this file:
 
@@ -96,8 +96,14 @@ def _bn_eval() -> nn.Module:
 
 
 def _frozen() -> nn.Module:
-    model = _mlp()
-    model[0].weight.requires_grad_(False)  # a frozen weight; its layer's bias still trains
+    """A frozen backbone as users freeze one: requires_grad=False on the first layer's weight (its bias still
+    trains) and on a batch norm's scale and shift, the batch norm in eval mode (frozen running statistics) inside a
+    network in train mode."""
+    model = _bn_eval().train()
+    model[0].weight.requires_grad_(False)
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    model[1].eval()
     return model
 
 
@@ -131,7 +137,8 @@ FEATURES = {
     "dropout": Feature("dropout (train mode)", lambda: _mlp(nn.Dropout(0.4)).train()),
     "bn_train": Feature("batch norm (train mode)", lambda: _mlp(nn.BatchNorm1d(5)).train()),
     "bn_eval": Feature("batch norm (eval mode)", _bn_eval),
-    "frozen": Feature("frozen parameter (requires_grad=False)", _frozen),
+    "frozen": Feature("frozen layers (requires_grad=False; a batch norm in eval mode in a train-mode network)",
+                      _frozen),
     "unused": Feature("unused layer (no gradient)", UnusedHead),
     "shared": Feature("one weight shared by two layers", TiedLayers),
     "timm": Feature("timm ViT with stochastic depth (drop_path_rate=0.5)", _timm_vit, (1, 4, 4)),
@@ -141,6 +148,10 @@ SLOW = {"timm"}  # its dense G and H (339 parameters, through attention) take se
 
 def trainable(model: nn.Module) -> list[Tensor]:
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
 
 
 def flat(tensors) -> Tensor:
@@ -244,7 +255,7 @@ def run_backend(feature: str, column: str) -> None:
         model, (x, y) = f.build(), f.batch()
         obj = objective(feature, model)
         got = obj.per_sample_grad_sq_mean()
-        assert model.training == f.build().training  # the network's mode is restored
+        assert modes(model) == modes(f.build())  # every module's mode is restored
         assert rel(got, oracles.per_sample_grad_sq_mean(f.build(), "cross_entropy", x, y)) < TOL
         return
     # the oracle after the objective's first product: building its model seeds the global RNG
@@ -379,9 +390,14 @@ def check_optimizer(feature: str, name: str) -> None:
     assert frozen or feature != "frozen"
     for i in frozen:
         assert torch.equal(final[i], run.initial[i]), "a frozen parameter moved"
-    if not run.model.training:  # eval mode: running statistics are read, never written
-        n = len(list(run.model.parameters()))
-        assert all(torch.equal(a, b) for a, b in zip(final[n:], run.initial[n:]))
+    assert modes(run.model) == modes(FEATURES[feature].build()), "a module's train/eval mode changed"
+    buffers = dict(zip([n for n, _ in run.model.named_buffers()], final[len(list(run.model.parameters())):]))
+    initial = dict(zip(buffers, run.initial[len(list(run.model.parameters())):]))
+    for module in run.model.modules():  # modules in eval mode read their statistics, never write them
+        if not module.training:
+            for b in module.buffers(recurse=False):
+                key = next(k for k, v in run.model.named_buffers() if v is b)
+                assert torch.equal(buffers[key], initial[key]), f"{key} of a module in eval mode moved"
     again = state(run_optimizer(feature, name).model)
     assert all(torch.equal(a, b) for a, b in zip(final, again)), "two identical runs differ"
     if has_reference(name):
