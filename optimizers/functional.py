@@ -11,8 +11,9 @@ products, a sub-batch) re-evaluates f(w; x) functionally, with
   implemented"). The math kernel computes the same attention (to rounding) with ordinary differentiable ops.
 
 ``FunctionalModel`` is that function as a small frozen record (network, trainable parameters and their names, the
-loss, the replayable random state, whether the forward pass draws random numbers at all). The Objective builds it once the forward pass has run and hands it to the
-backends (``optimizers.backends``), which therefore never see, nor import, the Objective.
+loss, the replayable random state, whether the forward pass draws random numbers at all). The Objective builds it once
+the forward pass has run and hands it to the backends (``optimizers.backends``), which therefore never see, nor
+import, the Objective.
 """
 from __future__ import annotations
 

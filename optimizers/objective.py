@@ -304,7 +304,8 @@ class Objective:
         """The batch's function for backends and trial points: f(w; x) replaying the forward pass's dropout masks."""
         if self._random_state is None:
             self._forward()
-        return FunctionalModel(self.model, self.names, self.params, self.loss_fn, self._random_state, self._draws_random)
+        return FunctionalModel(self.model, self.names, self.params, self.loss_fn, self._random_state,
+                               self._draws_random)
 
     # ------------------------------------------------------------------ trial points and updates
     def loss_at(self, delta: Tensor) -> Tensor:
