@@ -278,7 +278,10 @@ class Objective:
         if self._curv is None:
             if self._curvature_on_whole_batch:
                 self._curv = CurvatureBatch(self.inputs, self.targets, self._outputs, self._loss, shared=True)
-            else:  # Martens 2010 sec. 4.3: a sub-batch. Its forward must not move BN running statistics.
+            else:  # Martens 2010 sec. 4.3: a sub-batch. Its forward must not move BN running statistics. Replaying
+                   # the batch's random state draws masks for the k samples afresh (only the first random layer's
+                   # match the batch's rows), and batch norm uses the sub-batch's statistics: the curvature of the
+                   # same network on k samples, an estimate as the sub-sample itself is.
                 k, net = self.curvature_batch_size, self._functional()
                 x, y = self.inputs[:k], self.targets[:k]
                 with torch.enable_grad(), net.replay_rng():
