@@ -2,9 +2,10 @@
 model features users bring, in float64 against ground truth that shares no code with curvlab (tests/oracles.py).
 
 Rows are model features (``FEATURES``): dropout in train mode, batch norm in train and in eval mode, a frozen
-backbone (frozen parameters, a batch norm in eval mode in a train-mode network), a layer the forward never uses, one weight shared by two layers, and a timm vision transformer with
-stochastic depth (drop_path_rate > 0, train mode). Columns come from the library's registries, so a new backend,
-optimiser or diagnostic is covered without editing this file:
+backbone (frozen parameters, a batch norm in eval mode in a train-mode network), a layer the forward never uses, one
+weight shared by two layers, and a timm vision transformer with stochastic depth (drop_path_rate > 0, train mode).
+Columns come from the library's registries, so a new backend, optimiser or diagnostic is covered without editing
+this file:
 
 * backends: the gradient, G v on every Jacobian backend (``JACOBIAN_BACKENDS``), H v on every Hessian backend
   (``HESSIAN_BACKENDS``), ``hessian_matrix``, the per-sample squares of HF's preconditioner and the micro-batched
