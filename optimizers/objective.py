@@ -40,7 +40,7 @@ from validation import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
                                  HessianBackend, JacobianBackend, TangentFreeInputs, auto_jacobian_backend,
                                  flat_or_zero, vjp)
-from optimizers.functional import FunctionalModel, RandomState, buffer_copies, call
+from optimizers.functional import FunctionalModel, RandomState, buffer_copies, call, differentiable_twice
 from optimizers.interface import Curvature, checked_curvature
 from optimizers.losses import Loss, get_loss
 from optimizers.per_sample import grad_sq_sums
@@ -75,6 +75,7 @@ class Objective:
         self.product_count = {"ggn": 0, "hvp": 0, "jvp": 0, "vjp": 0}
         self.comm = {"calls": 0, "bytes": 0, "seconds": 0.0}
         self._random_state: RandomState | None = None  # of the batch's forward pass (its dropout masks)
+        self._draws_random = False  # that forward pass drew random numbers (dropout, stochastic depth)
         self._clear()
 
     # Built on first use, so the first-order path (``backward`` only) pays nothing for them.
@@ -113,7 +114,10 @@ class Objective:
         self._curv: CurvatureBatch | None = None
         self._versions: tuple[int, ...] | None = None
 
-    def _forward(self) -> None:
+    def _forward(self, first_order: bool = False) -> None:
+        """Outputs and loss at the current parameters, with their graph. The batch's first forward pass is the
+        model's own (running statistics move once); it runs attention through the twice-differentiable kernel
+        (``functional.differentiable_twice``) unless it only serves the first-order path (``first_order``)."""
         if self._outputs is not None and self._versions != self._param_versions():
             self._clear()  # the parameters were moved in place since the caches were filled
         if self._outputs is not None:
@@ -121,7 +125,9 @@ class Objective:
         with torch.enable_grad():
             if self._random_state is None:  # the batch's one real forward pass
                 self._random_state = RandomState.capture(self.inputs.device)
-                self._outputs = self.model(self.inputs)
+                with contextlib.nullcontext() if first_order else differentiable_twice():
+                    self._outputs = self.model(self.inputs)
+                self._draws_random = not self._random_state.unchanged()
             else:                           # the parameters moved: same masks, running statistics untouched
                 net = self._functional()
                 with net.replay_rng():
@@ -145,7 +151,7 @@ class Objective:
     def backward(self, scale: float = 1.0) -> Tensor:
         """First-order path: ``(scale * loss).backward()`` into ``p.grad`` (one flat all-reduce across ranks); returns
         the loss. Frees the graph."""
-        self._forward()
+        self._forward(first_order=True)
         (self._loss * scale if scale != 1.0 else self._loss).backward()
         if _distributed() and not self.local:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -197,9 +203,10 @@ class Objective:
             self._random_state = RandomState.capture(self.inputs.device)
             buffers = buffer_copies(self.model)
             try:
-                with torch.enable_grad(), fwad.dual_level(), TangentFreeInputs():
+                with torch.enable_grad(), fwad.dual_level(), TangentFreeInputs(), differentiable_twice():
                     dual = {n: fwad.make_dual(p, t) for n, p, t in zip(self.names, self.params, unflatten(v, self.params))}
                     outputs, jv = fwad.unpack_dual(functional_call(self.model, {**dual, **buffers}, (self.inputs,)))
+                self._draws_random = not self._random_state.unchanged()
             except BaseException:
                 self._random_state.restore()  # leave the RNG as if nothing had run
                 self._random_state = None
@@ -278,7 +285,10 @@ class Objective:
         if self._curv is None:
             if self._curvature_on_whole_batch:
                 self._curv = CurvatureBatch(self.inputs, self.targets, self._outputs, self._loss, shared=True)
-            else:  # Martens 2010 sec. 4.3: a sub-batch. Its forward must not move BN running statistics.
+            else:  # Martens 2010 sec. 4.3: a sub-batch. Its forward must not move BN running statistics. Replaying
+                   # the batch's random state draws masks for the k samples afresh (only the first random layer's
+                   # match the batch's rows), and batch norm uses the sub-batch's statistics: the curvature of the
+                   # same network on k samples, an estimate as the sub-sample itself is.
                 k, net = self.curvature_batch_size, self._functional()
                 x, y = self.inputs[:k], self.targets[:k]
                 with torch.enable_grad(), net.replay_rng():
@@ -304,7 +314,8 @@ class Objective:
         """The batch's function for backends and trial points: f(w; x) replaying the forward pass's dropout masks."""
         if self._random_state is None:
             self._forward()
-        return FunctionalModel(self.model, self.names, self.params, self.loss_fn, self._random_state)
+        return FunctionalModel(self.model, self.names, self.params, self.loss_fn, self._random_state,
+                               self._draws_random)
 
     # ------------------------------------------------------------------ trial points and updates
     def loss_at(self, delta: Tensor) -> Tensor:
@@ -338,20 +349,27 @@ class Objective:
 
     def per_sample_grad_sq_mean(self) -> Tensor:
         """Mean over the batch of squared per-sample gradients (flat), for Martens' diagonal preconditioner
-        (``optimizers.per_sample``). Taken with the network in eval mode: a single sample has no batch statistics,
-        and the preconditioner is a heuristic (Martens 2010 sec. 4.7)."""
-        was_training = self.model.training
-        self.model.eval()
+        (``optimizers.per_sample``). Taken with the network in eval mode (dropout and stochastic depth off, batch norm
+        on its running statistics): in train mode a sample's gradient is not its own (batch norm mixes the samples
+        through the batch statistics) and no closed form or vmap over samples can redraw the batch's masks. The
+        preconditioner is a heuristic (Martens 2010 sec. 4.7): it changes how fast CG converges, not its solution."""
+        modes = [(m, m.training) for m in self.model.modules()]  # per module: a frozen backbone's eval-mode batch
+        self.model.eval()                                        # norm must stay in eval mode afterwards
         try:
             sums = grad_sq_sums(self.model, self.loss_fn, self.inputs, self.targets, self._named,
                                 functools.partial(call, self.model), self.per_sample_chunk)
             return self.reduce(flatten(sums) / self.inputs.shape[0])
         finally:
-            self.model.train(was_training)
+            for module, training in modes:
+                module.training = training
 
     def hessian_matrix(self, chunk_size: int = 512) -> Tensor:
         """Explicit Hessian (P, P) of the curvature-batch loss, for small models (explicit Newton, full spectra):
-        columns H e_i by ``torch.func`` forward-over-reverse, vmapped over chunks of the basis."""
+        columns H e_i by ``torch.func`` forward-over-reverse, vmapped over chunks of the basis.
+
+        The network is evaluated once per chunk (the columns are vmapped tangents of one unbatched forward pass), so
+        with ``randomness="same"`` and the random state replayed for each chunk every random operation draws exactly
+        what the batch's forward pass drew: dropout and stochastic depth keep the batch's masks."""
         cb, net = self._curvature_batch(), self._functional()
         flat0 = flatten([p.detach() for p in self.params])
 
@@ -359,10 +377,13 @@ class Objective:
             return self.loss_fn(net(net.by_name(unflatten(w, self.params)), cb.inputs), cb.targets)
 
         grad_fn = torch.func.grad(loss_of_flat)
-        column = torch.func.vmap(lambda e: torch.func.jvp(grad_fn, (flat0,), (e,))[1])
+        column = torch.func.vmap(lambda e: torch.func.jvp(grad_fn, (flat0,), (e,))[1], randomness="same")
         eye = torch.eye(self.numel, dtype=flat0.dtype, device=flat0.device)
-        with net.replay_rng():
-            return self.reduce(torch.cat([column(eye[i:i + chunk_size]) for i in range(0, self.numel, chunk_size)]))
+        chunks = []
+        for i in range(0, self.numel, chunk_size):
+            with net.replay_rng():
+                chunks.append(column(eye[i:i + chunk_size]))
+        return self.reduce(torch.cat(chunks))
 
     # ------------------------------------------------------------------ statistics and helpers
     def stats(self) -> dict[str, float]:

@@ -5,10 +5,12 @@ M = diag(sum_i g_i^2 / B + lambda)^alpha, where g_i is sample i's gradient. Dens
 closed form from one forward and one backward: a sample's weight gradient is the outer product delta_i a_i^T, so
 sum_i g_i^2 = (delta^2)^T (a^2), and the same per sample over unfolded patches for convolutions (the "SumGradSquared"
 quantity of Dangel, Kunstner, Hennig 2020, "BackPACK: packing more into backprop"). Every other parameter goes through
-``torch.func.vmap`` over samples.
+``torch.func.vmap`` over samples, and so does a parameter used by more than one layer call (tied weights, a layer
+applied twice): its per-sample gradient is the sum over its uses, which the closed form cannot square.
 """
 from __future__ import annotations
 
+import collections
 from collections.abc import Callable
 
 import torch
@@ -48,12 +50,16 @@ def dense_grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, wa
     finally:
         for h in handles:
             h.remove()
+    # A parameter that two layer calls use (a weight shared by two layers, a layer called twice) has per-sample
+    # gradients summed over its uses before squaring: no closed form, it goes to the vmap path.
+    uses = collections.Counter(id(t) for m, _, _ in layers for t in (m.weight, m.bias) if t is not None)
     sums: dict[int, Tensor] = {}
     for (m, a, o), d in zip(layers, deltas):
         d = torch.zeros_like(o) if d is None else d
         weight, bias = (_linear_sums if isinstance(m, nn.Linear) else _conv_sums)(m, a, d)
-        sums[id(m.weight)] = weight
-        if m.bias is not None:
+        if uses[id(m.weight)] == 1:
+            sums[id(m.weight)] = weight
+        if m.bias is not None and uses[id(m.bias)] == 1:
             sums[id(m.bias)] = bias
     return sums
 

@@ -20,8 +20,9 @@ against its signature, so a misspelled key names ``optimizer.options.<key>``. Th
   statistics untouched). ``p.grad`` holds a copy of each gradient and is cleared after the step.
 * ``create_graph``: ``loss.backward(create_graph=True)`` for methods that read Hessian-vector products from
   ``p.grad``'s graph (AdaHessian, Sophia). The Objective's detached API cannot give that graph, so this mode
-  computes ``loss_fn(model(inputs), targets)`` itself (plus eta/2 |w|^2 under weight decay): it bypasses the
-  Objective's forward cache and its data-parallel reduction, and so refuses to run with more than one rank.
+  computes ``loss_fn(model(inputs), targets)`` itself (plus eta/2 |w|^2 under weight decay), attention through the
+  twice-differentiable kernel (``optimizers.functional.differentiable_twice``): it bypasses the Objective's forward
+  cache and its data-parallel reduction, and so refuses to run with more than one rank.
 * ``auto`` (default): ``closure`` when ``cls.step`` requires a closure (torch's L-BFGS), ``create_graph`` when the
   class documents ``backward(create_graph=True)`` (pytorch-optimizer's AdaHessian and SophiaH), else ``plain``.
 
@@ -43,6 +44,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
+from optimizers.functional import differentiable_twice
 from optimizers.interface import ObjectiveLike
 from optimizers.schedules import ScheduleOptions, Scheduled
 from optimizers.vec import unflatten
@@ -146,7 +148,7 @@ class TorchAdapter(Optimizer):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             raise OptionError("optimizer.backward=create_graph runs in one process only: its loss bypasses the "
                               "Objective's data-parallel reduction.")
-        with torch.enable_grad(), warnings.catch_warnings():
+        with torch.enable_grad(), warnings.catch_warnings(), differentiable_twice():
             # torch warns that p.grad now references its own graph (a cycle); the p.grad = None below breaks it.
             warnings.filterwarnings("ignore", message="Using backward\\(\\) with create_graph=True")
             # Bypasses the Objective's forward cache: the graph of p.grad is what AdaHessian/Sophia differentiate.

@@ -33,6 +33,9 @@ model's curvature on a quarter of the batch made it diverge. Martens & Grosse pa
 mini-batches in their experiments. The KL-clipped default (lr 0.1, momentum 0.9, kappa 1e-3) trains every Quickstart and seed
 model without degrading (docs/_pending/h17def.md).
 
+Two covered layers that share a parameter (tied weights) are refused at the first step: a Kronecker block belongs to
+one layer, so each block would precondition the shared gradient in turn and the KL clip would count it twice.
+
 Weight decay eta comes from the base class (the gradient gains eta w); its curvature eta I joins the damping:
 gamma + eta (Martens & Grosse 2015 sec. 6.1 add the regulariser's curvature to the damped Fisher the same way).
 """
@@ -185,6 +188,7 @@ class KFAC(Scheduled, Optimizer):
     def _cover(self, objective: ObjectiveLike) -> dict[str, Layer]:
         if self.layers is None:
             layers = covered_layers(objective.model, self.params)
+            _refuse_shared(objective.model, layers, self.params)
             if self.blocks and set(self.blocks) != set(layers):
                 raise ValueError(f"the K-FAC state was saved for the layers {sorted(self.blocks)}, but this model's "
                                  f"covered layers are {sorted(layers)}.")
@@ -308,6 +312,26 @@ class KFAC(Scheduled, Optimizer):
         for name, block_state in state["blocks"].items():
             self.blocks[name] = KroneckerBlock()
             self.blocks[name].load_state_dict(block_state)
+
+
+def _refuse_shared(model: torch.nn.Module, layers: dict[str, Layer], params: list[Tensor]) -> None:
+    """OptionError when two covered layers share a parameter (tied weights): K-FAC's blocks are per layer."""
+    owners: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        for i in (layer.weight, layer.bias):
+            if i is not None:
+                owners.setdefault(i, []).append(name)
+    shared = {i: names for i, names in owners.items() if len(names) > 1}
+    if not shared:
+        return
+    i, names = next(iter(shared.items()))
+    param_name = next((n for n, p in model.named_parameters() if p is params[i]), f"parameter {i}")
+    raise OptionError(
+        f"optimizer=kfac cannot precondition the parameter {param_name!r}: the layers "
+        f"{' and '.join(repr(n) for n in names)} share it, and K-FAC's Kronecker blocks belong to one layer each (each "
+        "layer's block would precondition the shared weight's whole gradient in turn, and the KL clip would count it "
+        "once per layer). Give each layer its own parameter, or use a method with exact curvature products, which "
+        "handle shared parameters (optimizer=hf, curveball or newton_cg).")
 
 
 class _Clock:
