@@ -127,8 +127,8 @@ def per_sample_grad_sq_mean(model: nn.Module, loss: str, x: Tensor, y: Tensor) -
 
 
 class DenseObjective:
-    """What the curvature diagnostics read of an objective (``params``, ``numel``, ``loss``, ``gradient``, ``loss_at``,
-    ``hvp``, ``ggn_vp``, ``curvature_vp``), from the dense matrices and the pure loss function above: running a
+    """What the curvature diagnostics read of an objective (``params``, ``numel``, ``inputs``, ``loss``, ``gradient``,
+    ``loss_at``, ``hvp``, ``ggn_vp``, ``curvature_vp``, ``hessian_matrix``), from the dense matrices and the pure loss function above: running a
     diagnostic on it and on a curvlab objective of the same batch compares the objective against ground truth."""
 
     l2 = 0.0
@@ -138,6 +138,7 @@ class DenseObjective:
         self.params = trainable(model)[1]
         self.numel = sum(p.numel() for p in self.params)
         self.w = flat_params(model)
+        self.inputs = x
         self._loss = loss_fn(model, loss, x, y, seed, pieces)
         self._args = (model, loss, x, y, seed, pieces)
         self.g = dense_gradient(*self._args)
@@ -162,6 +163,9 @@ class DenseObjective:
 
     def hvp(self, v: Tensor) -> Tensor:
         return self.H @ v
+
+    def hessian_matrix(self, chunk_size: int | None = None) -> Tensor:
+        return self.H
 
     def ggn_vp(self, v: Tensor) -> Tensor:
         return self.G @ v

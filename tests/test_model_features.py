@@ -226,7 +226,7 @@ def optimizer_columns() -> list[str]:
 
 
 def diagnostic_columns() -> list[str]:
-    return [*DIAGNOSTICS, "surface"]
+    return list(DIAGNOSTICS)  # the registry holds the loss surface and the explicit Hessian too
 
 
 def slow(feature: str, column: str) -> bool:
@@ -329,7 +329,7 @@ OVERRIDES = {  # settings that make the first step a closed-form quantity of the
     "newton": dict(step_size="fixed", lr=1.0),
     "newton_cg": dict(step_size="fixed", lr=1.0, cg_tol=1e-12, cg_martens_tol=0.0, cg_max_iters=2000),
     "hf": dict(damping=1.0, backtrack=False, line_search=False, cg_tol=1e-12, cg_martens_tol=0.0, cg_max_iters=2000,
-               cg_min_iters=1),
+               cg_min_iters=1, curvature_fraction=1.0),  # the oracle's GGN is the whole batch's
     "curveball": dict(damping=1.0),
 }
 
@@ -565,11 +565,17 @@ def _surface(obj, o) -> diag.LossSurface:
 
 
 def diagnostic(column: str) -> Callable:
-    return _surface if column == "surface" else DIAGNOSTICS[column]
+    """The registry's diagnostic; the surface along two seeded random directions instead of the top-2 eigenvectors,
+    whose signs the objective and the oracle may choose differently."""
+    return _surface if column == "surface" else DIAGNOSTICS[column].run
 
 
 def values(record) -> dict[str, float]:
     """The record's numbers, its costs (products, seconds) left out."""
+    if isinstance(record, dict):  # hessian_explicit: {"full_spectrum": {...}, "hvp_check": {...}}
+        spectrum, check = record["full_spectrum"], record["hvp_check"]
+        return {**{f"eigenvalues[{i}]": float(v) for i, v in enumerate(spectrum["eigenvalues"])},
+                "hvp_check.direction_norm": check["direction_norm"], "hvp_check.relative": check["relative"]}
     out = {k: v for k, v in record.scalars().items() if not k.endswith(("_products", "_seconds", "_time"))}
     data = record.to_dict()
     for key in ("losses", "remainders", "directional_derivatives", "finite_differences", "eigenvalues", "samples"):
