@@ -67,6 +67,26 @@ class TorchOptimOptions(ScheduleOptions):
                                                              "base rate of every parameter group, as for SGD and Adam).")
 
 
+# The external packages of conf/optimizer/ choices: import name -> (pip name, the pyproject.toml extra that has it).
+EXTRAS = {"pytorch_optimizer": ("pytorch-optimizer", "optimizers"), "heavyball": ("heavyball", "optimizers"),
+          "schedulefree": ("schedulefree", "optimizers")}
+
+
+def import_extra(module: str, what: str) -> Any:
+    """``importlib.import_module(module)`` for an optional extra; when it is missing, an OptionError that says what
+    needs it (``what``, e.g. "optimizer=schedule_free") and the extra to install (exit code 2 in a run)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        if top not in EXTRAS or (exc.name or top).partition(".")[0] != top:
+            raise
+        pip, extra = EXTRAS[top]
+        raise OptionError(f"{what} needs the {pip} package, which is not installed ({type(exc).__name__}: {exc}). "
+                          f"Install the extra that has it: pip install -e \".[{extra}]\" (or pip install {pip}).") \
+            from None
+
+
 def resolve_class(path: Any) -> type:
     """The torch.optim.Optimizer subclass at import path ``path`` (``module.Class``)."""
     key = "optimizer.cls"
@@ -74,7 +94,7 @@ def resolve_class(path: Any) -> type:
         fail(key, path, "must be the import path of a torch.optim.Optimizer subclass, e.g. torch.optim.SGD.")
     module_name, _, name = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = getattr(import_extra(module_name, f"{key}={path}"), name)
     except (ImportError, AttributeError) as exc:
         fail(key, path, f"cannot be imported ({type(exc).__name__}: {exc}). Install the package that provides it "
                         "(e.g. pip install -e \".[optimizers]\") or correct the path.")

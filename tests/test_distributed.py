@@ -32,7 +32,7 @@ FLOAT32_LINE_SEARCH_TOL = {"lbfgs": 1e-3}
 
 
 def problem(dtype: torch.dtype, batch: int):
-    torch.manual_seed(0)
+    registry.seed_draws(0)  # the same draws on every rank and in the single process (PSGD's probes)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(dtype)
     g = torch.Generator().manual_seed(1)
     batches = [(torch.randn(batch, 6, generator=g, dtype=dtype), torch.randint(0, 3, (batch,), generator=g))
