@@ -27,7 +27,7 @@ against its signature, so a misspelled key names ``optimizer.options.<key>``. Th
 
 Weight decay (``weight_decay``) is the library's shared L2 (gradient + eta w, base class); a package's own
 ``options.weight_decay`` is that package's (often decoupled) decay. ``state_dict`` holds the wrapped optimiser's own
-state dict (copied).
+state dict (copied), in values a ``weights_only`` checkpoint can hold (``_checkpointable``).
 """
 from __future__ import annotations
 
@@ -181,11 +181,11 @@ class TorchAdapter(Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.
-        return {"steps": self.steps, "inner": _dtypes_named(clone_state(self.inner.state_dict()))}
+        return {"steps": self.steps, "inner": _checkpointable(clone_state(self.inner.state_dict()))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.inner.load_state_dict(_dtypes_named(clone_state(state["inner"]), restore=True))
+        self.inner.load_state_dict(_checkpointable(clone_state(state["inner"]), restore=True))
 
 
 class TorchOptim(Scheduled, TorchAdapter):
@@ -206,6 +206,35 @@ class TorchOptim(Scheduled, TorchAdapter):
 
     def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
         return self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+
+
+SET_TAG = "__set__"  # a Python set in a package's state, stored as {"__set__": [sorted items]}
+# Package keys that hold code (pickled bytes the package unpickles on load) and that the package rebuilds from its
+# constructor arguments: left out of a checkpoint (loading a checkpoint must never unpickle anything).
+REBUILT_FROM_OPTIONS = {"heavyball": ("precond_schedule",)}  # heavyball: 1 / precondition_frequency, or its schedule
+
+
+def _checkpointable(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:
+    """A wrapped optimiser's state dict as values a checkpoint loaded with weights_only=True can hold (``restore``:
+    back): torch.dtype values of the param groups by name, Python sets (heavyball's ``is_initialized``) as tagged
+    sorted lists, and no pickled code (``REBUILT_FROM_OPTIONS``)."""
+    state = _dtypes_named(state, restore)
+    for package, keys in REBUILT_FROM_OPTIONS.items():
+        if isinstance(state.get(package), dict):
+            state = {**state, package: {k: v for k, v in state[package].items() if k not in keys}}
+    return _sets_tagged(state, restore)
+
+
+def _sets_tagged(value: Any, restore: bool) -> Any:
+    if isinstance(value, set) and not restore:
+        return {SET_TAG: sorted(value)}
+    if isinstance(value, dict):
+        if restore and set(value) == {SET_TAG}:
+            return set(value[SET_TAG])
+        return {k: _sets_tagged(v, restore) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sets_tagged(v, restore) for v in value)
+    return value
 
 
 def _dtypes_named(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:
