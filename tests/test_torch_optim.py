@@ -279,3 +279,28 @@ def test_heavyball_compiled_on_cuda_takes_real_steps():
     x, y = (t.cuda() for t in batches(1, 64)[0])
     losses = [float(opt.step(Objective(model, "cross_entropy", x, y))["loss"]) for _ in range(4)]
     assert losses[-1] < losses[0], losses
+
+
+# ---------------------------------------------------------------- a missing optional package
+
+
+@pytest.mark.parametrize("module, choice, key", [
+    ("schedulefree", "schedule_free", "optimizer=schedule_free"),
+    ("pytorch_optimizer", "soap", "optimizer.cls=pytorch_optimizer.SOAP"),
+    ("heavyball", "heavyball_soap", "optimizer.cls=heavyball.SOAP"),
+])
+def test_a_missing_package_exits_2_naming_the_extra_to_install(module, choice, key, tmp_path):
+    """The package is hidden from a real `python run.py` (a sitecustomize puts None into sys.modules, as if it were
+    not installed): one paragraph naming the choice's key and the extra, exit code 2, no traceback."""
+    from runner.errors import EXIT_USER_ERROR
+    from tests.runs import env
+
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    done = subprocess.run([sys.executable, str(REPO / "run.py"), f"optimizer={choice}", "trainer.max_steps=1",
+                           "device=cpu", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path,
+                          env=env(PYTHONPATH=f"{hide}{os.pathsep}{REPO}"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == EXIT_USER_ERROR, done.stderr
+    assert f"{key} needs the {module.replace('_', '-')} package, which is not installed" in done.stderr, done.stderr
+    assert 'pip install -e ".[optimizers]"' in done.stderr and "Traceback" not in done.stderr
