@@ -25,16 +25,20 @@ against its signature, so a misspelled key names ``optimizer.options.<key>``. Th
 * ``auto`` (default): ``closure`` when ``cls.step`` requires a closure (torch's L-BFGS), ``create_graph`` when the
   class documents ``backward(create_graph=True)`` (pytorch-optimizer's AdaHessian and SophiaH), else ``plain``.
 
+In ``plain`` and ``closure`` modes the wrapped optimiser draws its random numbers (PSGD's probes) from a stream of its
+own (``own_random_stream``): the same on every rank of a data-parallel run, which the global stream is not.
+
 Weight decay (``weight_decay``) is the library's shared L2 (gradient + eta w, base class); a package's own
 ``options.weight_decay`` is that package's (often decoupled) decay. ``state_dict`` holds the wrapped optimiser's own
 state dict (copied), in values a ``weights_only`` checkpoint can hold (``_checkpointable``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,7 +139,8 @@ class TorchAdapter(Optimizer):
         if self.mode == "plain":
             self.inner.zero_grad(set_to_none=True)
             loss = objective.backward()
-            self.inner.step()
+            with self.own_random_stream():
+                self.inner.step()
         elif self.mode == "closure":
             loss, _, stats["closure_evals"] = self.closure_step(objective)
         else:
@@ -157,7 +162,8 @@ class TorchAdapter(Optimizer):
                 p.grad = gi.clone()  # the method may change p.grad in place: the objective's gradient stays intact
             return value
 
-        self.inner.step(closure)
+        with self.own_random_stream():
+            self.inner.step(closure)
         for p in objective.params:
             p.grad = None
         return loss, grad, evals
@@ -179,13 +185,38 @@ class TorchAdapter(Optimizer):
             p.grad = None  # free the graph the gradients hold
         return total.detach()
 
+    _random: dict[str, Any] | None = None  # the wrapped optimiser's random stream (own_random_stream)
+
+    @contextlib.contextmanager
+    def own_random_stream(self) -> Iterator[None]:
+        """The wrapped optimiser draws its random numbers (PSGD's probe vectors) from a stream of its own, seeded from
+        the initial parameters: the same on every rank of a data-parallel run (the runner seeds the ranks' global
+        streams apart, for their dropout masks) and on 1 or N ranks; the global stream is left as it was. Part of
+        ``state_dict``, so a resumed run draws the same numbers."""
+        devices = sorted({p.device.index or 0 for p in self.params if p.is_cuda})
+        with torch.random.fork_rng(devices=devices):
+            if self._random is None:
+                first = torch.cat([p.detach().reshape(-1)[:64].double().cpu() for p in self.params])[:64]
+                seed = hash(tuple(first.tolist())) % 2**63  # equal parameters (broadcast at the start): equal seeds
+                torch.default_generator.manual_seed(seed)
+                for i in devices:
+                    torch.cuda.default_generators[i].manual_seed(seed)
+            else:
+                torch.set_rng_state(self._random["cpu"])
+                for i, cuda_state in zip(devices, self._random["cuda"]):
+                    torch.cuda.set_rng_state(cuda_state, i)
+            yield
+            self._random = {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
+
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.
-        return {"steps": self.steps, "inner": _checkpointable(clone_state(self.inner.state_dict()))}
+        state = {"steps": self.steps, "inner": _checkpointable(clone_state(self.inner.state_dict()))}
+        return state if self._random is None else {**state, "random": clone_state(self._random)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.inner.load_state_dict(_checkpointable(clone_state(state["inner"]), restore=True))
+        self._random = clone_state(state.get("random"))
 
 
 class TorchOptim(Scheduled, TorchAdapter):

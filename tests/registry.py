@@ -119,12 +119,17 @@ METHODS: dict[str, Method] = {
     "soap": Method(Minima(dict(lr=0.03, options=dict(weight_decay=0.0), schedule="cosine"), quadratic=(548, 224),
                           rosenbrock=(488, 398), total_steps=600),
                    ridge=(dict(lr=0.01, options=dict(weight_decay=0.0, betas=[0.95, 0.999])), 650),
-                   resume=Resume(300)),
+                   resume=Resume(300),
+                   # A side whose statistics are rank-deficient (more rows than the few steps' gradients span) has an
+                   # arbitrary eigenbasis there, and Adam's per-coordinate scaling in it is not rotation invariant: a
+                   # rounding-level change of the gradient (the batch's samples permuted) moves step 2 by 5e-3. The
+                   # equivalence tests precondition only the sides of at most 5 (full rank here): 1e-11.
+                   equivalence={"": dict(options=dict(max_precondition_dim=5))}),
     # Rosenbrock: its AdaGrad-like sums of gradient statistics shrink the steps along the valley (6e-3 from (1, 1)
     # after 6,000 steps at lr 1).
     "shampoo": Method(Minima(dict(lr=1.0), quadratic=(54, 30), rosenbrock=None), ridge=(dict(lr=1.0), 40),
                       resume=Resume(300, "SIGUSR1")),
-    "psgd": Method(Minima(dict(lr=0.01, schedule="cosine"), quadratic=(1423, 885), rosenbrock=(1403, 1042),
+    "psgd": Method(Minima(dict(lr=0.01, schedule="cosine"), quadratic=(1450, 1007), rosenbrock=(1355, 1102),
                           total_steps=1500),
                    ridge=(dict(lr=0.005, schedule="cosine"), 2000), resume=Resume(300, "SIGUSR2")),
 }

@@ -44,7 +44,8 @@ def train(name: str, dtype: torch.dtype, batch: int, rank: int = 0, world: int =
     """Parameters after each step; rank r of ``world`` steps on its shard of every global batch."""
     choice, options = METHODS[name]
     model, batches = problem(dtype, batch)
-    opt = registry.make(choice, model.parameters(), **options)
+    torch.manual_seed(1000 + rank)  # as the runner does (rank-dependent dropout masks): a method's own draws must not
+    opt = registry.make(choice, model.parameters(), **options)  # depend on the rank (PSGD: optimizers/torch_optim.py)
     opt.configure(total_steps=STEPS)
     trajectory = []
     for x, y in batches:
