@@ -146,7 +146,8 @@ class RunState:
     def eval_point(self) -> Iterator[None]:
         """The model at the optimiser's eval point, with batch-norm statistics recomputed there (module docstring);
         everything back as it was on leaving."""
-        with self.optimizer.eval_point():
+        hook = getattr(self.optimizer, "eval_point", None)  # optimizers.base.Optimizer has it (a no-op by default)
+        with hook() if hook is not None else contextlib.nullcontext():
             count = getattr(self.optimizer, "eval_point_bn_batches", 0)
             norms = batch_norms(self.model) if count and self.bn_batches is not None else []
             saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]

@@ -155,7 +155,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
     state = RunState(model, optimizer, train_batches, metrics, total_steps, device, out, writer, config)
-    if optimizer.eval_point_bn_batches and batch_norms(model):  # recomputed at the eval point (runner/state.py)
+    if getattr(optimizer, "eval_point_bn_batches", 0) and batch_norms(model):  # recomputed at the eval point (runner/state.py)
         state.bn_batches = make_batches(splits.train, batch_size=trainer.batch_size, mode="sequential", device=device,
                                         dtype=dtype, num_workers=trainer.num_workers, shard=shard)
     if resume is not None:

@@ -269,4 +269,4 @@ def test_tune_script_refuses_evaluation_seeds_that_were_tuned_on(capsys):
     assert tune_script.main(["--eval-seeds", "0,1", "--tuning-seed", "0"]) == 2
     assert "must not contain the tuning seed 0" in capsys.readouterr().err
     assert tune_script.main(["--optimizers", "sgd,rmsprop"]) == 2
-    assert "--optimizers rmsprop: no search preset. Choose from: adam, curveball" in capsys.readouterr().err
+    assert f"--optimizers rmsprop: no search preset. Choose from: {', '.join(PRESETS)}" in capsys.readouterr().err
