@@ -24,15 +24,18 @@ from optimizers.kfac import KFAC
 from optimizers.lbfgs import LBFGS
 from optimizers.losses import CrossEntropy, Loss, SquaredError, get_loss
 from optimizers.micro_batch import MicroBatchedObjective
+from optimizers.muon import Muon
+from optimizers.nadamw import NAdamW
 from optimizers.newton import Newton
 from optimizers.nlcg import NLCG
 from optimizers.objective import Objective
+from optimizers.schedule_free import ScheduleFreeAdamW
 from optimizers.torch_optim import TorchAdapter, TorchOptim
 from optimizers.weight_decay import WeightDecayed
 
 __all__ = [
     "Optimizer", "OptimizerOptions", "OptionError", "ObjectiveLike", "Curvature", "Objective", "MicroBatchedObjective",
     "WeightDecayed", "Loss", "CrossEntropy", "SquaredError", "get_loss", "pcg", "CGResult", "SGD", "Adam",
-    "GradientDescent", "Newton", "HessianFree", "CurveBall", "LBFGS", "NLCG", "KFAC", "TorchAdapter", "TorchOptim",
+    "GradientDescent", "Newton", "HessianFree", "CurveBall", "LBFGS", "NLCG", "KFAC", "Muon", "NAdamW", "ScheduleFreeAdamW", "TorchAdapter", "TorchOptim",
     "finite_difference_check",
 ]

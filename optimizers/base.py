@@ -16,13 +16,18 @@ A method is a subclass with
   method may ask of it is ``ObjectiveLike`` (optimizers/interface.py);
 * ``state_dict``/``load_state_dict`` for the state that changes from step to step.
 
+Where a method's iterate is not the point to evaluate (Schedule-Free averages its iterates), ``eval_point()`` is a
+context manager inside which the parameters are at that point; on leaving it they are back where training continues,
+bit for bit. A runner evaluates and checkpoints inside it (runner/state.py); for every other method it does nothing.
+
 Weight decay is one mechanism for every method: with ``weight_decay = eta > 0`` the base class hands ``update`` a
 :class:`~optimizers.weight_decay.WeightDecayed` objective, F(w) = L(w) + eta/2 |w|^2, whose gradient, curvature
 products and trial losses include the regulariser. The logged "loss" stays the data loss L.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -74,6 +79,16 @@ class Optimizer:
         return stats
 
     decays_through_objective: bool = True  # False for methods with their own (decoupled) decay, e.g. AdamW
+
+    @contextlib.contextmanager
+    def eval_point(self) -> Iterator[None]:
+        """Inside: the parameters are at the point to evaluate and to save; after: back where training continues, bit
+        for bit. The iterate itself for every method but Schedule-Free (optimizers/schedule_free.py)."""
+        yield
+
+    # Batch-norm running statistics gathered in training belong to the training point: when the eval point differs,
+    # a runner recomputes them there from this many training batches (0: nothing to recompute; runner/state.py).
+    eval_point_bn_batches: int = 0
 
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         raise NotImplementedError

@@ -26,16 +26,20 @@ against its signature, so a misspelled key names ``optimizer.options.<key>``. Th
 * ``auto`` (default): ``closure`` when ``cls.step`` requires a closure (torch's L-BFGS), ``create_graph`` when the
   class documents ``backward(create_graph=True)`` (pytorch-optimizer's AdaHessian and SophiaH), else ``plain``.
 
+In ``plain`` and ``closure`` modes the wrapped optimiser draws its random numbers (PSGD's probes) from a stream of its
+own (``own_random_stream``): the same on every rank of a data-parallel run, which the global stream is not.
+
 Weight decay (``weight_decay``) is the library's shared L2 (gradient + eta w, base class); a package's own
 ``options.weight_decay`` is that package's (often decoupled) decay. ``state_dict`` holds the wrapped optimiser's own
-state dict (copied).
+state dict (copied), in values a ``weights_only`` checkpoint can hold (``_checkpointable``).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +73,26 @@ class TorchOptimOptions(ScheduleOptions):
                                                              "base rate of every parameter group, as for SGD and Adam).")
 
 
+# The external packages of conf/optimizer/ choices: import name -> (pip name, the pyproject.toml extra that has it).
+EXTRAS = {"pytorch_optimizer": ("pytorch-optimizer", "optimizers"), "heavyball": ("heavyball", "optimizers"),
+          "schedulefree": ("schedulefree", "optimizers")}
+
+
+def import_extra(module: str, what: str) -> Any:
+    """``importlib.import_module(module)`` for an optional extra; when it is missing, an OptionError that says what
+    needs it (``what``, e.g. "optimizer=schedule_free") and the extra to install (exit code 2 in a run)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        if top not in EXTRAS or (exc.name or top).partition(".")[0] != top:
+            raise
+        pip, extra = EXTRAS[top]
+        raise OptionError(f"{what} needs the {pip} package, which is not installed ({type(exc).__name__}: {exc}). "
+                          f"Install the extra that has it: pip install -e \".[{extra}]\" (or pip install {pip}).") \
+            from None
+
+
 def resolve_class(path: Any) -> type:
     """The torch.optim.Optimizer subclass at import path ``path`` (``module.Class``)."""
     key = "optimizer.cls"
@@ -76,7 +100,7 @@ def resolve_class(path: Any) -> type:
         fail(key, path, "must be the import path of a torch.optim.Optimizer subclass, e.g. torch.optim.SGD.")
     module_name, _, name = path.rpartition(".")
     try:
-        cls = getattr(importlib.import_module(module_name), name)
+        cls = getattr(import_extra(module_name, f"{key}={path}"), name)
     except (ImportError, AttributeError) as exc:
         fail(key, path, f"cannot be imported ({type(exc).__name__}: {exc}). Install the package that provides it "
                         "(e.g. pip install -e \".[optimizers]\") or correct the path.")
@@ -117,7 +141,8 @@ class TorchAdapter(Optimizer):
         if self.mode == "plain":
             self.inner.zero_grad(set_to_none=True)
             loss = objective.backward()
-            self.inner.step()
+            with self.own_random_stream():
+                self.inner.step()
         elif self.mode == "closure":
             loss, _, stats["closure_evals"] = self.closure_step(objective)
         else:
@@ -139,7 +164,8 @@ class TorchAdapter(Optimizer):
                 p.grad = gi.clone()  # the method may change p.grad in place: the objective's gradient stays intact
             return value
 
-        self.inner.step(closure)
+        with self.own_random_stream():
+            self.inner.step(closure)
         for p in objective.params:
             p.grad = None
         return loss, grad, evals
@@ -161,13 +187,38 @@ class TorchAdapter(Optimizer):
             p.grad = None  # free the graph the gradients hold
         return total.detach()
 
+    _random: dict[str, Any] | None = None  # the wrapped optimiser's random stream (own_random_stream)
+
+    @contextlib.contextmanager
+    def own_random_stream(self) -> Iterator[None]:
+        """The wrapped optimiser draws its random numbers (PSGD's probe vectors) from a stream of its own, seeded from
+        the initial parameters: the same on every rank of a data-parallel run (the runner seeds the ranks' global
+        streams apart, for their dropout masks) and on 1 or N ranks; the global stream is left as it was. Part of
+        ``state_dict``, so a resumed run draws the same numbers."""
+        devices = sorted({p.device.index or 0 for p in self.params if p.is_cuda})
+        with torch.random.fork_rng(devices=devices):
+            if self._random is None:
+                first = torch.cat([p.detach().reshape(-1)[:64].double().cpu() for p in self.params])[:64]
+                seed = hash(tuple(first.tolist())) % 2**63  # equal parameters (broadcast at the start): equal seeds
+                torch.default_generator.manual_seed(seed)
+                for i in devices:
+                    torch.cuda.default_generators[i].manual_seed(seed)
+            else:
+                torch.set_rng_state(self._random["cpu"])
+                for i, cuda_state in zip(devices, self._random["cuda"]):
+                    torch.cuda.set_rng_state(cuda_state, i)
+            yield
+            self._random = {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
+
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.
-        return {"steps": self.steps, "inner": _dtypes_named(clone_state(self.inner.state_dict()))}
+        state = {"steps": self.steps, "inner": _checkpointable(clone_state(self.inner.state_dict()))}
+        return state if self._random is None else {**state, "random": clone_state(self._random)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
-        self.inner.load_state_dict(_dtypes_named(clone_state(state["inner"]), restore=True))
+        self.inner.load_state_dict(_checkpointable(clone_state(state["inner"]), restore=True))
+        self._random = clone_state(state.get("random"))
 
 
 class TorchOptim(Scheduled, TorchAdapter):
@@ -188,6 +239,35 @@ class TorchOptim(Scheduled, TorchAdapter):
 
     def backward_mode(self, cls: type[torch.optim.Optimizer]) -> str:
         return self.options.backward if self.options.backward != "auto" else auto_backward(cls)
+
+
+SET_TAG = "__set__"  # a Python set in a package's state, stored as {"__set__": [sorted items]}
+# Package keys that hold code (pickled bytes the package unpickles on load) and that the package rebuilds from its
+# constructor arguments: left out of a checkpoint (loading a checkpoint must never unpickle anything).
+REBUILT_FROM_OPTIONS = {"heavyball": ("precond_schedule",)}  # heavyball: 1 / precondition_frequency, or its schedule
+
+
+def _checkpointable(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:
+    """A wrapped optimiser's state dict as values a checkpoint loaded with weights_only=True can hold (``restore``:
+    back): torch.dtype values of the param groups by name, Python sets (heavyball's ``is_initialized``) as tagged
+    sorted lists, and no pickled code (``REBUILT_FROM_OPTIONS``)."""
+    state = _dtypes_named(state, restore)
+    for package, keys in REBUILT_FROM_OPTIONS.items():
+        if isinstance(state.get(package), dict):
+            state = {**state, package: {k: v for k, v in state[package].items() if k not in keys}}
+    return _sets_tagged(state, restore)
+
+
+def _sets_tagged(value: Any, restore: bool) -> Any:
+    if isinstance(value, set) and not restore:
+        return {SET_TAG: sorted(value)}
+    if isinstance(value, dict):
+        if restore and set(value) == {SET_TAG}:
+            return set(value[SET_TAG])
+        return {k: _sets_tagged(v, restore) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_sets_tagged(v, restore) for v in value)
+    return value
 
 
 def _dtypes_named(state: dict[str, Any], restore: bool = False) -> dict[str, Any]:

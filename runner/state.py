@@ -21,10 +21,20 @@ reads it with `weights_only=True`), format 1:
     format      the layout version (runner.checkpoint.FORMAT)
 
 Restored in that order (the random generators last), a resumed run repeats the uninterrupted run bit for bit.
+
+The eval point (`eval_point()`): evaluation and checkpoints happen inside the optimiser's `eval_point()`, so that a
+method whose iterate is not the point to evaluate (Schedule-Free: the average x, while it trains at y) is evaluated
+and saved there; `model` in a checkpoint is then x and the optimiser's state holds y. Batch-norm running statistics
+are recomputed at that point from the first `optimizer.eval_point_bn_batches` training batches (`bn_batches`, in
+stored order) and put back on leaving it, parameters included, bit for bit: evaluating never changes the training
+trajectory. (A resumed run starts with the eval point's statistics; nothing reads them before the next evaluation,
+which recomputes them from scratch.) For every other method `eval_point()` does nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +44,7 @@ import torch
 from runner.checkpoint import save_checkpoint
 from runner.distributed import gather, rank, world_size
 from runner.errors import STATUS_CODES
+from runner.evaluate import batch_norms, recompute_batch_norm
 from runner.metrics import MetricsLogger, first_nonfinite
 from runner.seeding import rng_states, set_rng_states
 from runner.wandb_sink import WandbSink
@@ -69,6 +80,7 @@ class RunState:
     stop_reason: str | None = None    # why a run with status ok ended early (runner/stopping.py) or its budget
     checkpoint_step: int | None = None
     resumed_from: dict[str, Any] | None = None
+    bn_batches: Any = None            # training batches in stored order, to recompute batch norm at the eval point
 
     # ------------------------------------------------------------------ reading
     @property
@@ -131,6 +143,23 @@ class RunState:
         self.diverged_row = self.diverged_row or first_nonfinite(rows)
         return rows
 
+    @contextlib.contextmanager
+    def eval_point(self) -> Iterator[None]:
+        """The model at the optimiser's eval point, with batch-norm statistics recomputed there (module docstring);
+        everything back as it was on leaving."""
+        hook = getattr(self.optimizer, "eval_point", None)  # optimizers.base.Optimizer has it (a no-op by default)
+        with hook() if hook is not None else contextlib.nullcontext():
+            count = getattr(self.optimizer, "eval_point_bn_batches", 0)
+            norms = batch_norms(self.model) if count and self.bn_batches is not None else []
+            saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+            try:
+                if norms:
+                    recompute_batch_norm(self.model, self.bn_batches, count)
+                yield
+            finally:
+                for m, state in zip(norms, saved):
+                    m.load_state_dict(state)
+
     # ------------------------------------------------------------------ checkpoints
     def capture(self) -> dict[str, Any]:
         """What `restore` needs, from every rank (a collective call: the random states are gathered)."""
@@ -167,9 +196,10 @@ class RunState:
     def save_checkpoint(self) -> None:
         """checkpoint.pt for the current step (rank 0 writes it; every rank contributes its random states)."""
         self.metrics.sync()  # the rows the checkpoint counts are on disk first
-        saved = self.capture()
-        if self.writer:
-            save_checkpoint(self.out, saved)
+        with self.eval_point():  # the model is saved at the eval point; the optimiser's state holds the rest
+            saved = self.capture()
+            if self.writer:
+                save_checkpoint(self.out, saved)
         self.checkpoint_step = self.step
 
     # ------------------------------------------------------------------ the outcome

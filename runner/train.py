@@ -40,7 +40,7 @@ from runner.diagnostics import Diagnostics, diagnostics_options
 from runner.distributed import (any_rank, average_buffers, broadcast_model, close_distributed, init_distributed, rank,
                                 world_size)
 from runner.errors import exit_code_for
-from runner.evaluate import evaluate
+from runner.evaluate import batch_norms, evaluate
 from runner.metadata import write_config, write_run_info, write_summary
 from runner.metrics import JSONLSink, MetricsLogger, Sink
 from runner.resume import Resume, metrics_rows_to_keep, plan_resume
@@ -158,6 +158,9 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
     config = OmegaConf.to_container(cfg, resolve=True)
     metrics = MetricsLogger(_sinks(cfg, out, resume, writer, config))
     state = RunState(model, optimizer, train_batches, metrics, total_steps, device, out, writer, config)
+    if getattr(optimizer, "eval_point_bn_batches", 0) and batch_norms(model):  # recomputed at the eval point (runner/state.py)
+        state.bn_batches = make_batches(splits.train, batch_size=trainer.batch_size, mode="sequential", device=device,
+                                        dtype=dtype, num_workers=trainer.num_workers, shard=shard)
     if resume is not None:
         state.restore(resume.state)
         state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
@@ -219,7 +222,9 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
                 run.diagnostics.after_step(state)  # when due: diag/* in this row (runner/diagnostics.py)
                 evaluating = state.done or state.step % eval_every == 0
                 if evaluating:
-                    state.add_evaluation(evaluate(state.model, run.loss_fn, run.test_batches, run.classification))
+                    with state.eval_point():  # Schedule-Free: the average of its iterates (runner/state.py)
+                        values = evaluate(state.model, run.loss_fn, run.test_batches, run.classification)
+                    state.add_evaluation(values)
                 if evaluating or state.step % log_every == 0:
                     _flush(state, bar)  # sets state.diverged when a flushed loss is not finite
                     state.stop_reason = state.stop_reason or run.rules.reached(state.last_eval, state.step)

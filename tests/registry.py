@@ -52,6 +52,7 @@ class Minima:
     options: dict[str, Any]
     quadratic: tuple[int, int]          # to max |w - w*| < 1e-5 (float64), 1e-3 (float32)
     rosenbrock: tuple[int, int] | None  # to |(x, y) - (1, 1)| < 1e-4 (float64), 1e-3 (float32); None: the comment says
+    total_steps: int | None = None      # the schedule's length (configure(total_steps)); None: the run's budget unknown
 
 
 @dataclass(frozen=True)
@@ -103,13 +104,54 @@ METHODS: dict[str, Method] = {
     "kfac": Method(Minima({}, quadratic=(219, 127), rosenbrock=None), ridge=({}, 300), resume=Resume(signal="SIGUSR1"),
                    equivalence={"": dict(fisher="empirical", inverse_every=2),  # factors through the one reduction
                                 "ggn": dict(fisher="ggn", weight_decay=1e-3)}),
+    # The race's methods (issue 18). Muon's and PSGD's steps have a size set by the rate alone (orthogonalised /
+    # normalised), so they reach 1e-5 only as a decaying schedule brings the rate down (cosine over total_steps).
+    # Rosenbrock's parameter is one vector: Muon would run its AdamW part there (compared with torch's AdamW in
+    # tests/test_race_methods.py instead).
+    "muon": Method(Minima(dict(lr=0.05, output_layer="muon", schedule="cosine"), quadratic=(489, 359), rosenbrock=None,
+                          total_steps=500),
+                   ridge=(dict(decoupled=False, adam_lr=0.05, adam_betas=[0.9, 0.999], adam_eps=1e-8), 300),
+                   resume=Resume(300, "SIGUSR2"), equivalence={"": dict(ns_dtype="float64")}),  # bfloat16: rounding flips
+    "schedule_free": Method(Minima(dict(lr=0.2, betas=[0.95, 0.999]), quadratic=(405, 233), rosenbrock=(2547, 1017)),
+                            ridge=(dict(decoupled=False, lr=0.2, betas=[0.95, 0.999]), 250),
+                            resume=Resume(300, "SIGUSR1"), equivalence={"": dict(lr=0.01)}),
+    "nadamw": Method(Minima(dict(lr=0.03), quadratic=(245, 220), rosenbrock=(2395, 2083)),
+                     ridge=(dict(decoupled=False, lr=0.05), 250), resume=Resume(300, "SIGINT"),
+                     equivalence={"": dict(lr=0.01, weight_decay=1e-3)}),
+    # Adapter choices (pytorch-optimizer). SOAP's own decoupled decay (0.01) moves the minimiser: off here.
+    "soap": Method(Minima(dict(lr=0.03, options=dict(weight_decay=0.0), schedule="cosine"), quadratic=(548, 224),
+                          rosenbrock=(488, 398), total_steps=600),
+                   ridge=(dict(lr=0.01, options=dict(weight_decay=0.0, betas=[0.95, 0.999])), 650),
+                   resume=Resume(300),
+                   # A side whose statistics are rank-deficient (more rows than the few steps' gradients span) has an
+                   # arbitrary eigenbasis there, and Adam's per-coordinate scaling in it is not rotation invariant: a
+                   # rounding-level change of the gradient (the batch's samples permuted) moves step 2 by 5e-3. The
+                   # equivalence tests precondition only the sides of at most 5 (full rank here): 1e-11.
+                   equivalence={"": dict(options=dict(max_precondition_dim=5))}),
+    # Rosenbrock: its AdaGrad-like sums of gradient statistics shrink the steps along the valley (6e-3 from (1, 1)
+    # after 6,000 steps at lr 1).
+    "shampoo": Method(Minima(dict(lr=1.0), quadratic=(54, 30), rosenbrock=None), ridge=(dict(lr=1.0), 40),
+                      resume=Resume(300, "SIGUSR1")),
+    "psgd": Method(Minima(dict(lr=0.01, schedule="cosine"), quadratic=(1450, 1007), rosenbrock=(1355, 1102),
+                          total_steps=1500),
+                   ridge=(dict(lr=0.005, schedule="cosine"), 2000), resume=Resume(300, "SIGUSR2")),
 }
 
 
 # Adapter choices whose state a checkpoint loaded with weights_only=True cannot hold (their runs cannot checkpoint):
-# the state round trip is an expected failure, strict, so that a fixed package shows up.
-NO_CHECKPOINT = {"heavyball_soap": "heavyball.SOAP keeps Python sets (is_initialized) and a pickled schedule (bytes "
-                                   "it unpickles on load) in its state"}
+# the state round trip is an expected failure, strict, so that a fixed package shows up. (heavyball.SOAP's sets and
+# pickled schedule are converted by the adapter: optimizers.torch_optim._checkpointable.)
+NO_CHECKPOINT: dict[str, str] = {}
+
+
+def seed_draws(seed: int) -> None:
+    """Seed every random stream a method may draw from in its steps: torch's (K-FAC's sampled Fisher, PSGD's probes,
+    Hutchinson) and NumPy's (pytorch-optimizer's Kron decides when to rebalance its factors with np.random)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
 
 
 @functools.cache

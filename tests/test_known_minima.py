@@ -14,7 +14,7 @@ import torch
 from conftest import least_squares
 from models.problems import build_rosenbrock
 from optimizers import Objective
-from tests.registry import METHODS, factory
+from tests.registry import METHODS, factory, seed_draws
 
 TOL = 1e-4  # distance to (1, 1)
 QUADRATIC_TOL = {torch.float64: 1e-5, torch.float32: 1e-3}  # max |w - w*|; L-BFGS's default tolerances stop near 1e-6
@@ -24,21 +24,28 @@ ROSENBROCK = [name for name, method in METHODS.items() if method.minima.rosenbro
 
 
 def steps_until(factory, model: torch.nn.Module, loss: str, x: torch.Tensor, y: torch.Tensor, reached,
-                limit: int) -> int | None:
-    """Steps of ``factory``'s optimiser on (model, loss, x, y) until ``reached()``, or None after ``limit`` steps."""
+                limit: int, total_steps: int | None = None) -> int | None:
+    """Steps of ``factory``'s optimiser on (model, loss, x, y) until ``reached()`` at its eval point (the iterate
+    itself but for Schedule-Free's average), or None after ``limit`` steps. ``total_steps``: the schedule's length."""
     assert all(p.dtype == x.dtype for p in model.parameters())  # the dtype the test asks for
     opt = factory(model.parameters())
+    if total_steps is not None:
+        opt.configure(total_steps=total_steps)
     for step in range(limit + 1):
-        if reached():
-            return step
+        with opt.eval_point():
+            if reached():
+                return step
         opt.step(Objective(model, loss, x, y))
     return None
 
 
-def steps_to_minimum(factory, budget: int, dtype: torch.dtype = torch.float64, tol: float = TOL) -> int | None:
+def steps_to_minimum(factory, budget: int, dtype: torch.dtype = torch.float64, tol: float = TOL,
+                     total_steps: int | None = None) -> int | None:
+    seed_draws(0)  # methods that draw random numbers in their steps (PSGD) draw the same ones every time
     model = build_rosenbrock((1,), 2).to(dtype)
     x, y = torch.ones(1, 1, dtype=dtype), torch.zeros(1, 2, dtype=dtype)
-    return steps_until(factory, model, "sse", x, y, lambda: (model.xy.detach() - 1).norm() < tol, budget)
+    return steps_until(factory, model, "sse", x, y, lambda: (model.xy.detach() - 1).norm() < tol, budget,
+                       total_steps)
 
 
 def budget(measured: int) -> int:
@@ -51,14 +58,16 @@ def minimiser_factory(name: str):
 
 def steps_to_quadratic_minimiser(name: str, dtype: torch.dtype, limit: int) -> int | None:
     x, y, w_star = least_squares(n=6, m=32, dtype=dtype)
-    torch.manual_seed(0)
+    seed_draws(0)
     model = torch.nn.Linear(6, 1, bias=False).to(dtype)
     return steps_until(minimiser_factory(name), model, "mse", x, y,
-                       lambda: (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype], limit)
+                       lambda: (model.weight.detach() - w_star).abs().max() < QUADRATIC_TOL[dtype], limit,
+                       METHODS[name].minima.total_steps)
 
 
 def steps_to_rosenbrock_minimum(name: str, dtype: torch.dtype, limit: int) -> int | None:
-    return steps_to_minimum(minimiser_factory(name), limit, dtype=dtype, tol=TOL if dtype == torch.float64 else 1e-3)
+    return steps_to_minimum(minimiser_factory(name), limit, dtype=dtype, tol=TOL if dtype == torch.float64 else 1e-3,
+                            total_steps=METHODS[name].minima.total_steps)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -79,9 +88,10 @@ def test_reaches_rosenbrock_minimum(name, dtype):
     assert steps > 0
 
 
-def measure(limit: int = 5000) -> None:
-    """Print every method's step counts, in the registry's order: quadratic (float64, float32), Rosenbrock (same)."""
-    for name in METHODS:
+def measure(limit: int = 5000, names=None) -> None:
+    """Print every method's step counts (or those of ``names``), in the registry's order: quadratic (float64,
+    float32), Rosenbrock (same)."""
+    for name in names or METHODS:
         quadratic = tuple(steps_to_quadratic_minimiser(name, dtype, limit) for dtype in DTYPES.values())
         rosenbrock = (tuple(steps_to_rosenbrock_minimum(name, dtype, limit) for dtype in DTYPES.values())
                       if name in ROSENBROCK else None)

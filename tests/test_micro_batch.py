@@ -12,7 +12,7 @@ from tests import registry
 
 
 def model() -> nn.Module:
-    torch.manual_seed(0)
+    registry.seed_draws(0)
     return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
 
 

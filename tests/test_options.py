@@ -153,9 +153,11 @@ def test_weight_decay_reaches_the_ridge_minimiser(name):
     model = nn.Linear(3, 2).double()
     kwargs, steps = registry.METHODS[name].ridge
     opt = registry.make(name, model.parameters(), weight_decay=eta, **kwargs)
+    opt.configure(total_steps=steps)  # a decaying schedule in the options spans the steps
     for _ in range(steps):
         stats = opt.step(Objective(model, "mse", x, y))
-    got = torch.cat([model.weight.detach().T, model.bias.detach()[None]])
+    with opt.eval_point():  # the point the method returns (Schedule-Free: its average)
+        got = torch.cat([model.weight.detach().T, model.bias.detach()[None]])
     assert torch.allclose(got, theta, rtol=0, atol=1e-6), (got - theta).abs().max()
-    # the logged loss is the data loss L, not F
+    # the logged loss is the data loss L, not F (Schedule-Free's: at y, the point it took the gradient at)
     assert float(stats["loss"]) == pytest.approx(((model(x) - y) ** 2).mean().item(), rel=1e-2)

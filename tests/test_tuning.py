@@ -18,9 +18,11 @@ import yaml
 from hydra import compose, initialize_config_dir
 from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
 from omegaconf import OmegaConf
+from optuna.distributions import CategoricalDistribution
 
 from runner import tuning
 from runner.schema import TuneConfig, register_configs
+from tests import registry
 
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (REPO / "conf" / "search").glob("*.yaml"))
@@ -180,11 +182,44 @@ def test_every_search_space_is_valid_for_its_optimizer_at_both_ends(preset):
     params = cfg.hydra.sweeper.params
     distributions, fixed = create_params_from_overrides([f"{k}={v}" for k, v in params.items()])  # the plugin's parser
     assert set(distributions) == set(params) and not fixed
-    for end in ("low", "high"):
-        values = [f"{key}={getattr(d, end)}" for key, d in distributions.items()]
+    for end in (0, -1):
+        values = [f"{key}={ends(d)[end]}" for key, d in distributions.items()]
         cfg = compose_search(f"search={preset}", *values)  # fails on a key the optimizer's config lacks
         optimizer = hydra.utils.instantiate(cfg.optimizer)(torch.nn.Linear(3, 2).parameters())
         assert optimizer is not None
+
+
+def ends(distribution) -> tuple:
+    """The two ends of an optuna distribution: (low, high), or the first and last choice."""
+    if isinstance(distribution, CategoricalDistribution):
+        return distribution.choices[0], distribution.choices[-1]
+    return distribution.low, distribution.high
+
+
+def test_every_optimizer_choice_has_a_search_preset():
+    """Every conf/optimizer choice of the registry (tests/registry.py) but the generic adapter, whose class is the
+    user's, can be tuned with the same budget: conf/search/<choice>.yaml exists and selects it."""
+    missing = sorted(set(registry.choices()) - {"torch_optim"} - set(PRESETS))
+    assert not missing, f"add conf/search/<name>.yaml for {missing} (the hyperparameters the method's authors tune)"
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_search_range_contains_the_default(preset):
+    """A preset searches around the default of each key it tunes. Two defaults cannot lie in a range: null (a rule
+    picks the value, e.g. CurveBall's damping) and 0 under a log range (0 switches the option off; log-uniform
+    cannot draw it)."""
+    cfg = compose_search(f"search={preset}")
+    distributions, _ = create_params_from_overrides([f"{k}={v}" for k, v in cfg.hydra.sweeper.params.items()])
+    for key, distribution in distributions.items():
+        absent = object()
+        default = OmegaConf.select(cfg, key, default=absent, throw_on_missing=True)
+        assert default is not absent, f"{preset}: {key} is not a key of optimizer={preset}"
+        if default is None or (default == 0 and "Log" in type(distribution).__name__):
+            continue
+        if isinstance(distribution, CategoricalDistribution):
+            assert default in distribution.choices, (key, default, distribution)
+        else:
+            assert distribution.low <= default <= distribution.high, (key, default, distribution)
 
 
 def test_every_optimizer_gets_the_same_tuning_budget():
@@ -234,4 +269,4 @@ def test_tune_script_refuses_evaluation_seeds_that_were_tuned_on(capsys):
     assert tune_script.main(["--eval-seeds", "0,1", "--tuning-seed", "0"]) == 2
     assert "must not contain the tuning seed 0" in capsys.readouterr().err
     assert tune_script.main(["--optimizers", "sgd,rmsprop"]) == 2
-    assert "--optimizers rmsprop: no search preset. Choose from: adam, curveball" in capsys.readouterr().err
+    assert f"--optimizers rmsprop: no search preset. Choose from: {', '.join(PRESETS)}" in capsys.readouterr().err

@@ -10,8 +10,8 @@ Rows: a gradient (forward + backward), an SGD step, the GGN-vector product per b
 one-off ``prepare``, which is timed separately), the Hessian-vector product per backend, one PCG iteration (product +
 vector updates), a CurveBall step and a Hessian-free step (with its CG iteration count); then a K-FAC step without
 its factor and inverse work, with the factors of each Fisher type, with factors and eigendecompositions, and with the
-defaults (amortised); and external optimisers through optimizers.torch_optim (heavyball eagerly unless
---heavyball-compile).
+defaults (amortised); external optimisers through optimizers.torch_optim (heavyball eagerly unless
+--heavyball-compile); and the race's first-order methods (Adam, NAdamW, Schedule-Free AdamW, Muon, Shampoo).
 """
 from __future__ import annotations
 
@@ -115,6 +115,7 @@ def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[
     hf_time = median_time(hf_step, max(1, repeats // 2), device)
     rows.append((f"HF step ({statistics.median(cg_counts):.0f} CG iterations)", hf_time))
     rows += kfac_and_external_rows(model, x, y, repeats, device)
+    rows += race_rows(model, x, y, repeats, device)
     print_table(f"{label}, batch {batch}, {device.type}, {sum(p.numel() for p in model.parameters()):,} parameters", rows)
     return rows
 
@@ -153,6 +154,32 @@ def kfac_and_external_rows(model, x, y, repeats: int, device: torch.device) -> l
             print(f"skipped {path}: {exc}")
             continue
         rows.append((f"{path} step [{opt.mode}]", median_time(steps(opt), repeats, device)))
+    return rows
+
+
+def race_rows(model, x, y, repeats: int, device: torch.device) -> list[tuple[str, float]]:
+    """The race's first-order methods (issue 18): Adam and NAdamW, Schedule-Free AdamW, Muon (Newton-Schulz in
+    bfloat16, the authors', and in float32), and pytorch-optimizer's Shampoo (conf/optimizer/shampoo.yaml)."""
+    from optimizers.first_order import Adam
+    from optimizers.muon import Muon
+    from optimizers.nadamw import NAdamW
+    from optimizers.schedule_free import ScheduleFreeAdamW
+    from optimizers.torch_optim import TorchOptim
+
+    methods = [("Adam step", lambda p: Adam(p, lr=1e-4)), ("NAdamW step", lambda p: NAdamW(p, lr=1e-4)),
+               ("Schedule-Free AdamW step", lambda p: ScheduleFreeAdamW(p, lr=1e-4)),
+               ("Muon step [Newton-Schulz in bfloat16]", lambda p: Muon(p, lr=1e-4, adam_lr=1e-5)),
+               ("Muon step [Newton-Schulz in float32]", lambda p: Muon(p, lr=1e-4, adam_lr=1e-5, ns_dtype="float32")),
+               ("pytorch_optimizer.Shampoo step [plain]",
+                lambda p: TorchOptim(p, cls="pytorch_optimizer.Shampoo", lr=1e-6))]
+    rows = []
+    for label, make in methods:
+        try:
+            opt = make(model.parameters())
+        except ValueError as exc:  # package not installed
+            print(f"skipped {label}: {exc}")
+            continue
+        rows.append((label, median_time(lambda: opt.step(Objective(model, "cross_entropy", x, y)), repeats, device)))
     return rows
 
 
