@@ -419,6 +419,8 @@ def check_against_torch(feature: str, name: str, run: Trajectory) -> None:
     config = registry.make(name, f.build(dtype).parameters(), **overrides(feature, name))
     cls, kwargs = config.torch_optimizer()
     inner = cls(trainable(model), lr=config.options.lr, **kwargs)
+    if callable(getattr(inner, "train", None)):
+        inner.train()  # schedulefree: steps are taken at the training point y
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for step in range(STEPS):
@@ -427,7 +429,8 @@ def check_against_torch(feature: str, name: str, run: Trajectory) -> None:
             if config.mode == "plain":
                 inner.zero_grad(set_to_none=True)
                 F.cross_entropy(model(x), y).backward()
-                inner.step()
+                with config.own_random_stream():  # PSGD's probes: the adapter's stream, seeded from the parameters
+                    inner.step()
             elif config.mode == "create_graph":
                 with sdpa_kernel([SDPBackend.MATH]):
                     F.cross_entropy(model(x), y).backward(create_graph=True)
@@ -435,7 +438,8 @@ def check_against_torch(feature: str, name: str, run: Trajectory) -> None:
                 for p in trainable(model):
                     p.grad = None
             else:
-                inner.step(_closure(model, x, y, seed))
+                with config.own_random_stream():
+                    inner.step(_closure(model, x, y, seed))
                 for p in trainable(model):
                     p.grad = None
     for got, want in zip(state(run.model), state(model)):
