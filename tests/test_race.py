@@ -81,7 +81,7 @@ def area_score(ratios: list[float]) -> float:
 @pytest.mark.parametrize("args, message", [
     (["--workloads", "digits_mlp,mnist_mlp"], "--workloads mnist_mlp: not in conf/workload/. Choose from: "
                                                "cifar10_basic_cnn, cifar10_resnet18, digits_mlp"),
-    (["--methods", "sgd,rmsprop"], "--methods rmsprop: not in conf/search/. Choose from: adam, curveball"),
+    (["--methods", "sgd,rmsprop"], "--methods rmsprop: not in conf/search/. Choose from: adahessian, adam, curveball"),
     (["--seeds", "0,1"], "must not contain the tuning seed 0"),
     (["--trials", "0"], "--trials 0 must be at least 1."),
     (["--methods", "sgd", "--set", "hf:trainer.batch_size=1000"], "--set hf:trainer.batch_size=1000 must be "
