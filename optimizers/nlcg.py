@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim.lbfgs import _strong_wolfe
 
+from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer, clone_state
 from validation.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
 from optimizers.line_search import LineSearchOptions, armijo_with
@@ -117,8 +118,13 @@ class NLCG(Optimizer):
             result = armijo_with(o, objective, d, loss0=loss, slope=gtd, initial=rate0)
             return result.rate, result.loss, result.evals
 
+        evals, monitor = 0, step_monitor.current()
+
         def along(_x: Any, t: float, direction: Tensor) -> tuple[float, Tensor]:
+            nonlocal evals
             value, grad = objective.loss_and_gradient_at(t * direction)
+            evals += 1
+            monitor.report("line-search trial", evals, at_most=o.ls_max_evals, rate=t, loss=float(value))
             return float(value), grad
 
         loss_after, _, rate, evals = _strong_wolfe(along, None, rate0, d, float(loss), g, gtd, c1=o.ls_c, c2=o.ls_c2,

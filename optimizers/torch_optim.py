@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer, clone_state
 from optimizers.interface import ObjectiveLike
 from optimizers.schedules import ScheduleOptions, Scheduled
@@ -125,7 +126,7 @@ class TorchAdapter(Optimizer):
     def closure_step(self, objective: ObjectiveLike) -> tuple[Tensor, Tensor, int]:
         """``step(closure)``: returns the loss and gradient at the step's start and the number of evaluations."""
         loss, grad = objective.loss(), objective.gradient()
-        evals = 0
+        evals, monitor = 0, step_monitor.current()
 
         def closure() -> Tensor:
             # The method moves the parameters in place between calls: the first call is at the step's start (the
@@ -133,6 +134,8 @@ class TorchAdapter(Optimizer):
             nonlocal evals
             evals += 1
             value, g = (loss, grad) if evals == 1 else objective.loss_and_gradient_at()
+            if evals > 1 and monitor.active:
+                monitor.report("function evaluation", evals, loss=float(value))
             for p, gi in zip(objective.params, unflatten(g, objective.params)):
                 p.grad = gi.clone()  # the method may change p.grad in place: the objective's gradient stays intact
             return value
