@@ -84,6 +84,12 @@ class Optimizer:
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         raise NotImplementedError
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about
+        ("up to ..." where it varies), for the runner's up-front estimate (runner/cost.py). Methods that do more work
+        per step override it."""
+        return 1.0, "one gradient per step"
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}
 

@@ -140,6 +140,13 @@ class NLCG(Optimizer):
                 rate = 1.0
         return min(rate, self.options.ls_initial_rate)
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        if self.options.line_search == "armijo":
+            return 1.5, "optimizer.line_search=armijo: ~1.5 gradients per step (a gradient and a few trial losses)"
+        return 3.0, "optimizer.line_search=strong_wolfe: ~3 gradients per step (a gradient and ~2 trials)"
+
     def state_dict(self) -> dict[str, Any]:
         return clone_state({"steps": self.steps, "prev_grad": self.prev_grad, "prev_dir": self.prev_dir,
                             "prev_loss": self.prev_loss, "since_restart": self.since_restart})

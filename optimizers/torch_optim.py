@@ -162,6 +162,13 @@ class TorchAdapter(Optimizer):
             p.grad = None  # free the graph the gradients hold
         return total.detach()
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        return {"plain": (1.0, "one gradient per step"),
+                "create_graph": (2.0, "~2 gradients per step (a backward through the gradient's graph)"),
+                "closure": (3.0, "~3 gradients per step (a gradient and ~2 closure evaluations)")}[self.mode]
+
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.
         return {"steps": self.steps, "inner": _dtypes_named(clone_state(self.inner.state_dict()))}

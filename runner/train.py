@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import logging
 import sys
@@ -37,6 +38,7 @@ from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.monitor import StepInterrupted
 from optimizers.objective import Objective
+from runner import cost
 from runner.checkpoint import CheckpointSchedule
 from runner.device import resolve_device, resolve_dtype, synchronize
 from runner.diagnostics import Diagnostics, diagnostics_options
@@ -168,6 +170,9 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
         state.restore(resume.state)
         state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
         log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
+    if trainer.estimate_cost and writer:  # a WARNING when a step or the run will be long (runner/cost.py)
+        cost.report(model, optimizer, loss_fn, splits.train, math.ceil(train_batches.batch_size / shard[1]),
+                    total_steps - state.step, device, dtype)
     return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics, rules,
                          monitor)
 

@@ -32,12 +32,13 @@ from runner.progress import StepProgress
 from runner.train import train
 from tests.runs import assert_same_tensors, make_config, metrics, start, without_times
 
-SMALL = ["model.hidden=[16]", "trainer.batch_size=64", "trainer.log_every=1", "trainer.eval_every=2",
+SMALL = ["trainer.batch_size=64", "trainer.log_every=1", "trainer.eval_every=2",
          "trainer.max_epochs=null", "trainer.max_steps=4", "trainer.progress_every_seconds=1e-9"]
 
 # method, its overrides, the report of step 3 at which the signal comes
 CASES = {
     "hf-cg": ("hf", [], "CG iteration 2 "),
+    "hf-batch-norm": ("hf", ["model=cifar_basic_cnn_bn"], "CG iteration 2 "),  # running statistics moved in the step
     "hf-backtracking": ("hf", [], "CG backtracking 1 "),
     "hf-line-search": ("hf", ["optimizer.ls_initial_rate=4.0"], "line-search trial 1 "),
     "newton_cg": ("newton_cg", ["dtype=float64", "optimizer.damping=1.0"], "CG iteration 2 "),
@@ -86,7 +87,8 @@ def curvlab_log():
 def test_a_signal_inside_a_step_abandons_it_and_the_resumed_run_is_identical(case, tmp_path, every_step_abortable,
                                                                             curvlab_log):
     name, extra, at = CASES[case]
-    args = [*SMALL, f"optimizer={name}", *extra]
+    model = [] if any(arg.startswith("model=") for arg in extra) else ["model.hidden=[16]"]
+    args = [*SMALL, f"optimizer={name}", *model, *extra]
     trigger = SignalAt(f"step 3: {at}")
     curvlab_log.append(trigger)
     logging.getLogger("curvlab").addHandler(trigger)

@@ -212,6 +212,14 @@ class KFAC(Scheduled, Optimizer):
             view.copy_(scaled)
 
     # ------------------------------------------------------------------ state
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        o = self.options
+        extra = {"empirical": 0.2, "sampled": 0.7}.get(o.fisher, 5.0)  # ggn: a backward per output (10 assumed)
+        return 1 + extra, (f"optimizer.fisher={o.fisher}: ~{1 + extra:.2g} gradients per step, plus eigendecompositions "
+                           f"every optimizer.inverse_every={o.inverse_every} steps")
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "factor_updates": self.factor_updates,
                 "momentum": self.momentum_buffer.clone(),
