@@ -333,10 +333,11 @@ def _finish(cfg: DictConfig, state: RunState, signals: StopSignals) -> RunResult
     if status == "interrupted":
         saved = f"checkpoint saved; continue with trainer.resume={state.out}" if state.checkpoint_step == state.step \
             else "no checkpoint (trainer.checkpoint=false), so it cannot be resumed"
-        during = "" if state.abandoned is None else \
-            f" (step {state.abandoned['step']} was abandoned at {state.abandoned['at']})"
-        print(f"curvlab: interrupted by {state.stopped_by} after step {state.step} (epoch {state.epoch:.2f}){during}: "
-              f"{saved}", file=sys.stderr)
+        where = f"after step {state.step} (epoch {state.epoch:.2f}):"
+        if state.abandoned is not None:
+            where = (f"during step {state.abandoned['step']}, abandoned at {state.abandoned['at']}: the run stands "
+                     f"{where[:-1]};")
+        print(f"curvlab: interrupted by {state.stopped_by} {where} {saved}", file=sys.stderr)
     if state.writer:
         print(f"curvlab: results in {state.out}")
     return RunResult(status, state.out, state.step, state.epoch, summary)

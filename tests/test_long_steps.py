@@ -235,7 +235,8 @@ def test_sigterm_inside_a_cg_solve_ends_the_run_within_an_iteration_and_it_resum
     at = summary["abandoned_step"]
     assert at["step"] == 2 and at["at"].startswith("CG iteration ") and at["at"].endswith(" of <=600")
     assert int(at["at"].split()[2]) < 600  # stopped inside the solve, not at its end
-    assert f"(step 2 was abandoned at {at['at']}): checkpoint saved; continue with trainer.resume={folder}" in stderr
+    assert f"curvlab: interrupted by SIGTERM during step 2, abandoned at {at['at']}: the run stands after step 1 " \
+           f"(epoch 1.00); checkpoint saved; continue with trainer.resume={folder}\n" in stderr
     assert "Traceback" not in stderr
     assert waited < 60, waited  # one CG iteration and a checkpoint, not the rest of the step
 
