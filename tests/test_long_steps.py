@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -30,7 +32,9 @@ from runner import progress
 from runner.checkpoint import CHECKPOINT, load_checkpoint
 from runner.progress import StepProgress
 from runner.train import train
-from tests.runs import assert_same_tensors, make_config, metrics, start, without_times
+from tests.runs import CPU, REPO, assert_same_tensors, env, make_config, metrics, start, without_times
+
+TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 SMALL = ["trainer.batch_size=64", "trainer.log_every=1", "trainer.eval_every=2",
          "trainer.max_epochs=null", "trainer.max_steps=4", "trainer.progress_every_seconds=1e-9"]
@@ -249,3 +253,48 @@ def test_sigterm_inside_a_cg_solve_ends_the_run_within_an_iteration_and_it_resum
     final, expected = (load_checkpoint(path / CHECKPOINT) for path in (folder, tmp_path / "reference"))
     for key in ("model", "optimizer"):
         assert_same_tensors(final[key], expected[key], key)
+
+
+def _worker_of_rank(launcher_pid: int, rank: int, timeout: float = 120) -> int:
+    """The pid of torchrun's worker process with RANK=rank."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+        for pid in children:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.1)
+    raise AssertionError(f"no worker of rank {rank}")
+
+
+@pytest.mark.slow
+def test_two_ranks_abandon_the_same_step_when_one_is_signalled_and_resume_bit_for_bit(tmp_path):
+    """torchrun, 2 gloo ranks: SIGTERM to rank 1 alone, mid-CG in step 2. The stop check inside the step is collective,
+    so both ranks abandon step 2 at the same CG iteration (no rank is left waiting in an all-reduce), rank 0 writes
+    the checkpoint of step 1, and a 2-rank resume equals an uninterrupted 2-rank run."""
+    def torchrun(folder: Path, *extra: str) -> subprocess.Popen:
+        return subprocess.Popen([str(TORCHRUN), "--standalone", "--nproc_per_node=2", str(REPO / "run.py"), *CPU,
+                                 *SLOW, f"hydra.run.dir={folder}", *extra], cwd=tmp_path, env=env(PYTHONPATH=str(REPO)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    folder = tmp_path / "run"
+    launcher = torchrun(folder)
+    _wait_for_line(launcher, "step 2: CG iteration")
+    os.kill(_worker_of_rank(launcher.pid, 1), signal.SIGTERM)
+    _, stderr = launcher.communicate(timeout=300)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] == 1, stderr
+    assert summary["abandoned_step"]["step"] == 2 and summary["abandoned_step"]["at"].startswith("CG iteration ")
+    assert summary["interrupted_by"] == "a stop signal on another rank"  # rank 0 writes it; rank 1 had the signal
+
+    resumed = torchrun(folder, "trainer.resume=true")
+    _, stderr = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, stderr
+    reference = torchrun(tmp_path / "reference")
+    _, stderr = reference.communicate(timeout=600)
+    assert reference.returncode == 0, stderr
+    assert without_times(metrics(folder)) == without_times(metrics(tmp_path / "reference"))
