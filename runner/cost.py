@@ -90,12 +90,14 @@ def estimate(model: nn.Module, optimizer: Any, loss_fn: Any, train: Any, batch: 
 
 
 def report(model: nn.Module, optimizer: Any, loss_fn: Any, train: Any, batch: int, steps: int, device: torch.device,
-           dtype: torch.dtype) -> dict[str, Any] | None:
-    """Log the estimate: a WARNING when the run will be long, else a DEBUG line. None when nothing is left to run."""
+           dtype: torch.dtype, show: bool = True) -> dict[str, Any] | None:
+    """Log the estimate (`show`: rank 0; the other ranks measure too, so that none of them waits for rank 0 in its
+    first collective): a WARNING when the run will be long, else a DEBUG line. None when nothing is left to run."""
     if steps < 1 or len(train) == 0:
         return None
     found = estimate(model, optimizer, loss_fn, train, batch, steps, device, dtype)
-    (log.warning if found["warn"] else log.debug)(found["text"])
+    if show:
+        (log.warning if found["warn"] else log.debug)(found["text"])
     return found
 
 

@@ -170,9 +170,9 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
         state.restore(resume.state)
         state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
         log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
-    if trainer.estimate_cost and writer:  # a WARNING when a step or the run will be long (runner/cost.py)
+    if trainer.estimate_cost:  # a WARNING when a step or the run will be long (runner/cost.py)
         cost.report(model, optimizer, loss_fn, splits.train, math.ceil(train_batches.batch_size / shard[1]),
-                    total_steps - state.step, device, dtype)
+                    total_steps - state.step, device, dtype, show=writer)
     return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics, rules,
                          monitor)
 
