@@ -298,3 +298,19 @@ def test_two_ranks_abandon_the_same_step_when_one_is_signalled_and_resume_bit_fo
     _, stderr = reference.communicate(timeout=600)
     assert reference.returncode == 0, stderr
     assert without_times(metrics(folder)) == without_times(metrics(tmp_path / "reference"))
+
+
+def test_a_checkpoint_from_before_the_progress_keys_resumes_and_they_may_change(tmp_path):
+    """trainer.progress_every_seconds and trainer.estimate_cost only show things: a checkpoint written without them
+    (before they existed) or with other values resumes."""
+    from omegaconf import OmegaConf
+
+    from runner.resume import check_same_config
+
+    now = OmegaConf.to_container(make_config(), resolve=True)
+    old = OmegaConf.to_container(make_config(), resolve=True)
+    del old["trainer"]["progress_every_seconds"], old["trainer"]["estimate_cost"]
+    check_same_config(old, now, tmp_path / "checkpoint.pt")
+    changed = OmegaConf.to_container(make_config("trainer.progress_every_seconds=1", "trainer.estimate_cost=false"),
+                                     resolve=True)
+    check_same_config(now, changed, tmp_path / "checkpoint.pt")
