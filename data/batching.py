@@ -83,6 +83,8 @@ class Batches:
 
     def state_dict(self) -> dict[str, Any]:
         """The batch order's position: the generator's state at the epoch start and the batches used since."""
+        if self._skip:  # loaded and not iterated since: the position it was loaded with
+            return {"generator": self.generator.get_state(), "position": self._skip}
         if self._epoch_start is None or self.position >= len(self):  # between two epochs
             return {"generator": self.generator.get_state(), "position": 0}
         return {"generator": self._epoch_start.clone(), "position": self.position}
@@ -203,6 +205,7 @@ class LoaderBatches(Batches):
         super().load_state_dict(state)
         if "worker_seeds" in state:
             self.worker_seeds.set_state(state["worker_seeds"])
+        self._workers_start = self.worker_seeds.get_state()  # what state_dict() gives back until the next epoch
 
 
 def make_batches(

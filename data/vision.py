@@ -7,6 +7,9 @@ All four are small enough to hold in memory: the uint8 arrays that torchvision r
 CIFAR's files are pickles: they are read through ``data.integrity.load_cifar_file`` (a restricted unpickler that
 refuses anything but NumPy arrays and plain values), never torchvision's ``pickle.load``, so a crafted file in a data
 folder cannot run code.
+
+``download`` (default true): a dataset whose files are missing is downloaded into ``root`` on first use
+(data/download.py); files present are read as they are, without any network access.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torchvision import datasets, transforms
 from torchvision.datasets.utils import check_integrity
 
 from data.base import Splits, TensorPairDataset, missing_files_error, resolve_root
+from data.download import download as download_into
 from data.integrity import check_labels, check_mnist_folder, find_bad_cifar_file, load_cifar_file
 from validation.checks import boolean, fail, optional, positive_int
 
@@ -36,16 +40,14 @@ def _normalised(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float,
     return x.sub_(torch.tensor(mean).view(shape)).div_(torch.tensor(std).view(shape))
 
 
-def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: str, download: bool, **kwargs):
-    """``(train, test)`` torchvision datasets; a missing (or undownloadable) dataset becomes our FileNotFoundError."""
+def _load_torchvision(name: str, cls: type, root: str, folder: str, expected: str, **kwargs):
+    """``(train, test)`` torchvision datasets from the files on disk; a missing dataset becomes our
+    FileNotFoundError."""
     try:
-        train = cls(root, train=True, download=download, **kwargs)
+        train = cls(root, train=True, download=False, **kwargs)
         test = cls(root, train=False, download=False, **kwargs)
-    except (RuntimeError, OSError) as error:  # torchvision's "Dataset not found", or a failed download
-        detail = " ".join(str(error).split())  # torchvision's message, on one line
-        detail = detail if len(detail) <= 200 else detail[:200] + "..."
-        reason = f"download failed: {detail}" if download else "dataset.download is false"
-        raise missing_files_error(name, folder, expected, reason) from error
+    except (RuntimeError, OSError) as error:  # torchvision's "Dataset not found"
+        raise missing_files_error(name, folder, expected, "dataset.download is false") from error
     return train, test
 
 
@@ -58,7 +60,9 @@ def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, downlo
              for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     if all(os.path.isfile(f) for f in files):
         check_mnist_folder(name, folder)  # present but cut short or not idx files: say which (not "not found")
-    train, test = _load_torchvision(name, cls, root, folder, MNIST_FILES, download)
+    elif boolean("dataset.download", download):  # first use: torchvision's download of all four files
+        download_into(name, folder, MNIST_FILES, cls.mirrors, lambda: cls(root, train=True, download=True))
+    train, test = _load_torchvision(name, cls, root, folder, MNIST_FILES)
     for split, data in (("train", train), ("t10k", test)):
         check_labels(name, os.path.join(folder, f"{split}-labels-idx1-ubyte"), data.targets.numpy(), 10)
     # Read the uint8 tensors torchvision already parsed ((N, 28, 28)); never go through PIL images.
@@ -72,12 +76,12 @@ def _mnist_like(name: str, cls: type, mean: float, std: float, root: str, downlo
     return Splits(name, splits[0], splits[1], (1, 28, 28), 10, "cross_entropy", in_memory=True)
 
 
-def build_mnist(root: str, download: bool = False, num_train: int | None = None) -> Splits:
+def build_mnist(root: str, download: bool = True, num_train: int | None = None) -> Splits:
     """``num_train``: train on the first N of the 60,000 training images only (null = all); the test split is whole."""
     return _mnist_like("mnist", datasets.MNIST, 0.1307, 0.3081, root, download, num_train)
 
 
-def build_fashion_mnist(root: str, download: bool = False, num_train: int | None = None) -> Splits:
+def build_fashion_mnist(root: str, download: bool = True, num_train: int | None = None) -> Splits:
     """``num_train`` as for :func:`build_mnist`."""
     return _mnist_like("fashion_mnist", datasets.FashionMNIST, 0.2860, 0.3530, root, download, num_train)
 
@@ -89,7 +93,7 @@ def _read_cifar(dataset: datasets.CIFAR10, name: str, root: str, train: bool, do
     datasets.VisionDataset.__init__(dataset, root)
     dataset.train = train
     if download:
-        dataset.download()  # torchvision's: fetches the archive and checks its MD5
+        dataset.download()  # torchvision's: fetches the archive and checks its MD5 (data/download.py calls it)
     if not dataset._check_integrity():
         raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
     folder = os.path.join(dataset.root, dataset.base_folder)
@@ -119,12 +123,13 @@ class _SafeCIFAR100(datasets.CIFAR100):
 
 
 class _CIFAR10Files(_SafeCIFAR10):
-    """CIFAR-10 without the MD5 checks, used when ``download`` is false.
+    """CIFAR-10 without the MD5 checks: how the files on disk are read (present, or just downloaded, when the
+    archive's MD5 was checked).
 
     torchvision verifies every batch file against its MD5 in ``_check_integrity`` (and ``batches.meta`` in
     ``_read_cifar``), both through ``check_integrity(path, md5)``, which only tests that the file exists when the MD5
     is None. Clearing the MD5s trusts files already on disk (hashing 180 MB at every start is slow, and the tests
-    write small files in the real format). With ``download=True`` the MD5s are checked.
+    write small files in the real format).
     """
 
     train_list = [[name, None] for name, _ in datasets.CIFAR10.train_list]
@@ -145,7 +150,10 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
     folder = os.path.join(root, stock.base_folder)
     files = [f for f, _ in stock.train_list + stock.test_list] + [stock.meta["filename"]]
     expected = f"torchvision's python-version batches in {stock.base_folder}/ ({', '.join(files)})"
-    train, test = _load_cifar(name, stock if download else local, root, folder, files, expected, download, classes)
+    if not all(os.path.isfile(os.path.join(folder, f)) for f in files) and boolean("dataset.download", download):
+        # first use: torchvision's download (the archive's MD5 checked), read back through the safe unpickler
+        download_into(name, folder, expected, [stock.url], lambda: stock(root, train=False, download=True))
+    train, test = _load_cifar(name, local, root, folder, files, expected, classes)
 
     def in_memory(d) -> TensorPairDataset:  # d.data is uint8 (N, 32, 32, 3)
         images = torch.from_numpy(d.data).permute(0, 3, 1, 2)
@@ -166,13 +174,12 @@ def _cifar(name: str, stock: type, local: type, mean, std, classes: int, root, d
     return Splits(name, train, test_set, (3, 32, 32), classes, "cross_entropy", in_memory=False)
 
 
-def _load_cifar(name: str, cls: type, root: str, folder: str, files: list[str], expected: str, download: bool,
-                classes: int):
+def _load_cifar(name: str, cls: type, root: str, folder: str, files: list[str], expected: str, classes: int):
     """torchvision's CIFAR splits. When every file is present, a failure to read them, or a label out of range,
     names the culprit file instead of reporting the dataset as missing."""
     present = all(os.path.isfile(os.path.join(folder, f)) for f in files)
     try:
-        train, test = _load_torchvision(name, cls, root, folder, expected, download)
+        train, test = _load_torchvision(name, cls, root, folder, expected)
     except Exception:
         if present:
             find_bad_cifar_file(name, folder, files, classes)
@@ -182,13 +189,13 @@ def _load_cifar(name: str, cls: type, root: str, folder: str, files: list[str], 
     return train, test
 
 
-def build_cifar10(root: str, download: bool = False, *, augment: bool = False) -> Splits:
+def build_cifar10(root: str, download: bool = True, *, augment: bool = False) -> Splits:
     """``augment``: random crop 32 (pad 4) + horizontal flip per sample, through a DataLoader."""
     return _cifar("cifar10", _SafeCIFAR10, _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root, download,
                   boolean("dataset.augment", augment))
 
 
-def build_cifar100(root: str, download: bool = False, *, augment: bool = False) -> Splits:
+def build_cifar100(root: str, download: bool = True, *, augment: bool = False) -> Splits:
     """``augment`` as for CIFAR-10."""
     return _cifar("cifar100", _SafeCIFAR100, _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root, download,
                   boolean("dataset.augment", augment))

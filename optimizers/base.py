@@ -36,6 +36,7 @@ from torch import Tensor
 
 from validation.checks import Options, nonnegative, option
 from optimizers.interface import ObjectiveLike
+from optimizers.monitor import NO_MONITOR, StepMonitor, monitoring
 from optimizers.weight_decay import WeightDecayed
 
 
@@ -58,9 +59,13 @@ class Optimizer:
             raise ValueError("the optimiser was given no trainable parameters")
         self.numel = sum(p.numel() for p in self.params)
         self.steps = 0
+        self.monitor: StepMonitor = NO_MONITOR
 
-    def configure(self, *, total_steps: int | None = None) -> None:
-        """Told by the runner before training how many steps it will take (schedules use it)."""
+    def configure(self, *, total_steps: int | None = None, monitor: StepMonitor | None = None) -> None:
+        """Told by the runner before training how many steps it will take (schedules use it), and the monitor that
+        receives the progress of each step and may stop it (optimizers/monitor.py; None keeps the current one)."""
+        if monitor is not None:
+            self.monitor = monitor
 
     def step(self, objective: ObjectiveLike) -> dict[str, Any]:
         """One update on ``objective``'s batch; returns the step's statistics."""
@@ -69,12 +74,13 @@ class Optimizer:
                              f"objective's model has {objective.numel}: pass all of the model's trainable parameters "
                              "to the optimiser.")
         eta = self.options.weight_decay
-        if eta and self.decays_through_objective:
-            decayed = WeightDecayed(objective, eta)
-            stats = self.update(decayed)
-            stats["loss"] = decayed.data_loss_at_start()
-        else:
-            stats = self.update(objective)
+        with monitoring(self.monitor):  # the long loops inside report to it (optimizers/monitor.py)
+            if eta and self.decays_through_objective:
+                decayed = WeightDecayed(objective, eta)
+                stats = self.update(decayed)
+                stats["loss"] = decayed.data_loss_at_start()
+            else:
+                stats = self.update(objective)
         self.steps += 1
         return stats
 
@@ -92,6 +98,12 @@ class Optimizer:
 
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         raise NotImplementedError
+
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about
+        ("up to ..." where it varies), for the runner's up-front estimate (runner/cost.py). Methods that do more work
+        per step override it."""
+        return 1.0, "one gradient per step"
 
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps}

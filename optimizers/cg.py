@@ -14,7 +14,9 @@ only sees through ``matvec``. It follows seed 002 Algorithm 2 and Martens 2010 s
   which takes alpha = r^T y / p^T A p whatever its sign and iterates on to the tolerance, leaving the judgement of the
   result to the caller (seed 000 Algorithm 4's descent check). CG on a symmetric indefinite but non-singular A still
   reaches A^-1 b in at most n steps unless p^T A p = 0 exactly ("breakdown", the only stop it cannot step past);
-* iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6).
+* iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6);
+* each iteration and each backtracking evaluation is reported to the step's monitor (optimizers/monitor.py), which
+  may stop the step there.
 
 One host synchronisation per iteration: the scalars the stopping rules read are fetched together.
 """
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimizers import monitor as step_monitor
 from optimizers.base import OptimizerOptions
 from validation.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
 
@@ -99,9 +102,11 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     iterates: list[tuple[int, Tensor]] = []
     reason, i = ("tolerance" if head[1] == 0.0 else "max_iters"), 0  # ry = 0: x0 already solves the system
     negatives = 0
+    monitor = step_monitor.current()
+    residual = tol > 0 or monitor.active  # |r|^2 among the iteration's host scalars
     while reason == "max_iters" and i < max_iters:
         ap = matvec(p)
-        new, host = _advance(s, p, ap, b, minv, tol)
+        new, host = _advance(s, p, ap, b, minv, residual)
         if not host[0] > 0.0:                   # p^T A p <= 0 (or nan)
             if negative_curvature == "stop" or not host[0] < 0.0:  # stop, or no step length: keep the last iterate
                 reason = "negative_curvature" if negative_curvature == "stop" else "breakdown"
@@ -117,6 +122,8 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
             reason = "tolerance"
         elif martens_tol > 0 and i >= min_iters and _martens_stop(phis, i, martens_tol, martens_gap):
             reason = "martens"
+        if monitor.active:
+            monitor.report("CG iteration", i, at_most=max_iters, residual=math.sqrt(host[3]), model=host[2])
     if not iterates or iterates[-1][0] != i:
         iterates.append((i, s.x))
     return CGResult(x=s.x, iterations=i, stop_reason=reason, residual_norm=float(s.r.norm()),
@@ -142,15 +149,15 @@ def _start(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, min
 
 
 def _advance(s: _CGState, p: Tensor, ap: Tensor, b: Tensor, minv: Tensor | None,
-             tol: float) -> tuple[_CGState, list[float]]:
+             residual: bool) -> tuple[_CGState, list[float]]:
     """The candidate iterate along p (discarded by the caller if p has non-positive curvature) and the scalars the
-    stopping rules read, [p'Ap, r'y, q(x), |r|^2 if tol], fetched in the iteration's one host synchronisation."""
+    stopping rules read, [p'Ap, r'y, q(x), |r|^2 if residual], fetched in the iteration's one host synchronisation."""
     pap = torch.dot(p, ap)
     alpha = s.ry / pap
     x, r = s.x + alpha * p, s.r + alpha * ap
     y = r if minv is None else r * minv
     new = _CGState(x, r, y, torch.dot(r, y))
-    scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if tol > 0 else [])
+    scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if residual else [])
     return new, torch.stack(scalars).tolist()
 
 
@@ -180,12 +187,17 @@ def cg_backtrack(iterates: list[tuple[int, Tensor]], loss_at: Callable[[Tensor],
     """
     if not iterates:
         raise ValueError("cg_backtrack needs at least one stored iterate")
+    monitor = step_monitor.current()
     best_i, best_x = iterates[-1]
     best_loss = loss_at(best_x)
     best = _as_float(best_loss)
-    for i, x in reversed(iterates[:-1]):
+    if monitor.active:
+        monitor.report("CG backtracking", 1, at_most=len(iterates), loss=best)
+    for evals, (i, x) in enumerate(reversed(iterates[:-1]), 2):
         loss = loss_at(x)
         value = _as_float(loss)
+        if monitor.active:
+            monitor.report("CG backtracking", evals, at_most=len(iterates), loss=value)
         if value < best:
             best_i, best_x, best_loss, best = i, x, loss, value
         elif best < math.inf:   # stop at the first iterate that does not improve (keep walking past inf/nan ones)

@@ -204,6 +204,11 @@ class CurveBall(Optimizer):
         hdz = objective.hvp(dz)
         return dz, QuadForms(z.dot(hz), dz.dot(hz), dz.dot(hdz), grad.dot(dz), grad.dot(z))
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        return 2.5, "~2.5 gradients per step (a gradient and two curvature products)"
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "z": self.z.clone(), "z_is_zero": self.z_is_zero,
                 "damping": None if self.damping is None else self.damping.clone()}

@@ -53,6 +53,13 @@ class GradientDescent(Optimizer):
             objective.apply(g, alpha=-rate)
         return stats
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        if self.options.step_size == "armijo":
+            return 1.5, "optimizer.step_size=armijo: ~1.5 gradients per step (a gradient and a few trial losses)"
+        return 1.0, "one gradient per step"
+
 
 def step_rate(options: StepSizeOptions, objective: ObjectiveLike, direction, *, loss, slope, stats: dict,
               fixed: float | None = None) -> float:

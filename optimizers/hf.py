@@ -197,6 +197,12 @@ class HessianFree(Optimizer):
             lam = lam * o.damping_factor
         return min(max(lam, o.min_damping), o.max_damping)
 
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        n = self.options.cg_max_iters  # the gradient and the preconditioner, then up to n products of ~1.2 gradients
+        return 2 + 1.2 * n, f"up to optimizer.cg_max_iters={n} CG iterations: up to ~{2 + 1.2 * n:.0f} gradients per step"
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "damping": self.damping, "warm_start": clone_state(self.warm_start)}
 

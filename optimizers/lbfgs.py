@@ -68,3 +68,10 @@ class LBFGS(TorchAdapter):
         loss_after = objective.loss_at(torch.zeros_like(grad))  # same batch and masks, BN statistics untouched
         return {"loss": loss, "loss_after": loss_after, "lbfgs/evals": evals1 - evals0,
                 "lbfgs/iters": iters1 - iters0, "grad_norm": grad.norm(), **objective.stats()}
+
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        n = self.options.max_iter
+        return 1 + 2 * n, (f"optimizer.max_iter={n} iterations of ~2 function evaluations: ~{1 + 2 * n} gradients per "
+                           "step")

@@ -4,7 +4,8 @@ Seed 000 (Algorithm 4, step-size adaption with beta, gamma) and Martens 2010 ("D
 optimization", sec. 4.6: rate 1, shrink 0.8, c = 0.01, give up after 60 tries) use the same rule: accept the first
 rate a in {a0, a0*shrink, a0*shrink^2, ...} with
     f(w + a p) <= f(w) + c * a * g^T p.
-Every method names these settings ``ls_*`` (``LineSearchOptions``).
+Every method names these settings ``ls_*`` (``LineSearchOptions``). Each trial is reported to the step's monitor
+(optimizers/monitor.py), which may stop the step there.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optimizers import monitor as step_monitor
 from optimizers.base import OptimizerOptions
 from validation.checks import in_range, option, positive, positive_int
 from optimizers.interface import ObjectiveLike
@@ -41,10 +43,13 @@ def armijo(objective: ObjectiveLike, direction: Tensor, *, loss0: Tensor | None 
     """Backtrack from ``initial`` by ``shrink`` until the Armijo condition holds, on the objective's batch."""
     loss0 = objective.loss() if loss0 is None else loss0
     slope = torch.dot(objective.gradient(), direction) if slope is None else slope
-    rate = initial
+    rate, monitor = initial, step_monitor.current()
     for evals in range(1, max_evals + 1):
         trial = objective.loss_at(rate * direction)
-        if bool(torch.isfinite(trial)) and bool(trial <= loss0 + c * rate * slope):
+        accepted = bool(torch.isfinite(trial)) and bool(trial <= loss0 + c * rate * slope)
+        if monitor.active:
+            monitor.report("line-search trial", evals, at_most=max_evals, rate=rate, loss=float(trial))
+        if accepted:
             return LineSearchResult(rate, trial, evals, True)
         rate *= shrink
     return LineSearchResult(0.0, loss0, max_evals, False)

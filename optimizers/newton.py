@@ -178,3 +178,14 @@ class Newton(Optimizer):
         return result.x
 
     # ------------------------------------------------------------------ state
+
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        o = self.options
+        if o.solver == "cg":
+            n = o.cg_max_iters  # Hessian-vector products of ~1.5 gradients
+            return 1 + 1.5 * n, (f"optimizer.solver=cg and up to optimizer.cg_max_iters={n} CG iterations: up to "
+                                 f"~{1 + 1.5 * n:.0f} gradients per step")
+        cost = 1 + 0.5 * self.numel  # one vectorised Hessian column per parameter
+        return cost, f"optimizer.solver=explicit: a {self.numel} x {self.numel} Hessian, ~{cost:.0f} gradients per step"

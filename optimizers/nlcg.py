@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.optim.lbfgs import _strong_wolfe
 
+from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer, clone_state
 from validation.checks import boolean, fail, in_range, nonnegative, one_of, option, optional, positive_int
 from optimizers.line_search import LineSearchOptions, armijo_with
@@ -135,8 +136,13 @@ class NLCG(Optimizer):
             result = armijo_with(o, objective, d, loss0=loss, slope=gtd, initial=rate0)
             return result.rate, result.loss, result.evals
 
+        evals, monitor = 0, step_monitor.current()
+
         def along(_x: Any, t: float, direction: Tensor) -> tuple[float, Tensor]:
+            nonlocal evals
             value, grad = objective.loss_and_gradient_at(t * direction)
+            evals += 1
+            monitor.report("line-search trial", evals, at_most=o.ls_max_evals, rate=t, loss=float(value))
             return float(value), grad
 
         loss_after, _, rate, evals = _strong_wolfe(along, None, rate0, d, float(loss), g, gtd, c1=o.ls_c, c2=o.ls_c2,
@@ -151,6 +157,13 @@ class NLCG(Optimizer):
             if not rate > 0:
                 rate = 1.0
         return min(rate, self.options.ls_initial_rate)
+
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        if self.options.line_search == "armijo":
+            return 1.5, "optimizer.line_search=armijo: ~1.5 gradients per step (a gradient and a few trial losses)"
+        return 3.0, "optimizer.line_search=strong_wolfe: ~3 gradients per step (a gradient and ~2 trials)"
 
     def state_dict(self) -> dict[str, Any]:
         return clone_state({"steps": self.steps, "prev_grad": self.prev_grad, "prev_dir": self.prev_dir,

@@ -71,7 +71,8 @@ class Scheduled:
     steps: int
     _multiplier: Callable[[int], float] | None = None
 
-    def configure(self, *, total_steps: int | None = None) -> None:
+    def configure(self, *, total_steps: int | None = None, monitor=None) -> None:
+        super().configure(monitor=monitor)  # type: ignore[misc]  # Optimizer's: the step monitor
         self._multiplier = make_schedule(total_steps=total_steps, **self.options.schedule_kwargs())
 
     def learning_rate(self) -> float:

@@ -47,6 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer, clone_state
 from optimizers.functional import differentiable_twice
 from optimizers.interface import ObjectiveLike
@@ -152,7 +153,7 @@ class TorchAdapter(Optimizer):
     def closure_step(self, objective: ObjectiveLike) -> tuple[Tensor, Tensor, int]:
         """``step(closure)``: returns the loss and gradient at the step's start and the number of evaluations."""
         loss, grad = objective.loss(), objective.gradient()
-        evals = 0
+        evals, monitor = 0, step_monitor.current()
 
         def closure() -> Tensor:
             # The method moves the parameters in place between calls: the first call is at the step's start (the
@@ -160,6 +161,8 @@ class TorchAdapter(Optimizer):
             nonlocal evals
             evals += 1
             value, g = (loss, grad) if evals == 1 else objective.loss_and_gradient_at()
+            if evals > 1 and monitor.active:
+                monitor.report("function evaluation", evals, loss=float(value))
             for p, gi in zip(objective.params, unflatten(g, objective.params)):
                 p.grad = gi.clone()  # the method may change p.grad in place: the objective's gradient stays intact
             return value
@@ -209,6 +212,13 @@ class TorchAdapter(Optimizer):
                     torch.cuda.set_rng_state(cuda_state, i)
             yield
             self._random = {"cpu": torch.get_rng_state(), "cuda": [torch.cuda.get_rng_state(i) for i in devices]}
+
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        return {"plain": (1.0, "one gradient per step"),
+                "create_graph": (2.0, "~2 gradients per step (a backward through the gradient's graph)"),
+                "closure": (3.0, "~3 gradients per step (a gradient and ~2 closure evaluations)")}[self.mode]
 
     def state_dict(self) -> dict[str, Any]:
         # torch's state dict holds live buffers (updated in place): copy them.

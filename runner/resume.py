@@ -31,7 +31,8 @@ from runner.distributed import requeued, world_size
 from runner.run_dir import refuse_existing, resume_setting
 
 BUDGET_KEYS = ("trainer.max_epochs", "trainer.max_steps", "trainer.checkpoint", "trainer.checkpoint_every",
-               "trainer.checkpoint_every_minutes", "trainer.resume", "trainer.progress")
+               "trainer.checkpoint_every_minutes", "trainer.resume", "trainer.progress",
+               "trainer.progress_every_seconds", "trainer.estimate_cost")  # the last three only show things
 BUDGET_PREFIXES = ("logger.", "diagnostics.")  # diagnostics leave the trajectory unchanged (runner/diagnostics.py)
 
 

@@ -45,6 +45,8 @@ class TrainerConfig:
     eval_every: Optional[int] = None  # steps between test-set evaluations; null = at the end of every epoch
     log_every: int = 10  # steps between flushes of the buffered metric rows to the sinks
     progress: Optional[bool] = None  # tqdm bar; null = only when stderr is a terminal
+    progress_every_seconds: Optional[float] = 10.0  # inside a long step: one progress line every S s (null = none)
+    estimate_cost: bool = True  # before the first step: time one gradient, warn when a step or the run will be long
     checkpoint: bool = True  # write checkpoint.pt at the end of the run (and when interrupted or on schedule)
     checkpoint_every: Optional[int] = None  # also checkpoint every N steps (null = no step schedule)
     checkpoint_every_minutes: Optional[float] = 30.0  # ... and/or every M minutes of wall-clock (null = off)

@@ -77,6 +77,7 @@ class RunState:
     # how the run ends, and where it came from
     diverged_row: dict[str, Any] | None = None
     stopped_by: str | None = None     # the stop signal's name
+    abandoned: dict[str, Any] | None = None  # the step a stop signal abandoned: {"step": n, "at": "CG iteration 12 ..."}
     stop_reason: str | None = None    # why a run with status ok ended early (runner/stopping.py) or its budget
     checkpoint_step: int | None = None
     resumed_from: dict[str, Any] | None = None
@@ -193,6 +194,24 @@ class RunState:
         self.train_batches.load_state_dict(mine["batches"])
         set_rng_states(mine)
 
+    def before_step(self) -> dict[str, Any]:
+        """Copies of what a step changes besides the counters and the metric rows (the parameters and buffers, the
+        optimiser's state, the random generators, the batch order's position), taken between two steps, where a
+        checkpoint would be taken: `undo_step` puts them back when a stop signal abandons the step
+        (runner/progress.py)."""
+        return {"model": {name: t.detach().clone() for name, t in self.model.state_dict().items()},
+                "optimizer": self.optimizer.state_dict(),  # a copy: every method's state_dict copies its tensors
+                "rng": rng_states(), "batches": self.train_batches.state_dict()}
+
+    def undo_step(self, saved: dict[str, Any]) -> None:
+        """Put back what `before_step` saved: the run stands where it stood before the abandoned step."""
+        self.model.load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.train_batches.load_state_dict(saved["batches"])
+        set_rng_states(saved["rng"])
+        for p in self.model.parameters():
+            p.grad = None
+
     def save_checkpoint(self) -> None:
         """checkpoint.pt for the current step (rank 0 writes it; every rank contributes its random states)."""
         self.metrics.sync()  # the rows the checkpoint counts are on disk first
@@ -222,6 +241,7 @@ class RunState:
             "best_eval_accuracy": self.best_accuracy,
             "diverged_at_step": self.diverged_row["step"] if self.diverged_row else None,
             "interrupted_by": self.stopped_by,
+            "abandoned_step": self.abandoned,
             "stop_reason": self.stop_reason if status == "ok" else None,
             "checkpoint_step": self.checkpoint_step,
             "resumed_from": self.resumed_from,

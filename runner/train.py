@@ -4,7 +4,9 @@ The loop (`_loop`, one screen): for each mini-batch build an `Objective` and cal
 record one metric row per step; every `trainer.log_every` steps flush the rows (stopping if the loss turned
 non-finite); evaluate on the test split every `trainer.eval_every` steps (or at each epoch end) and at the end.
 Between two steps (`_at_boundary`): stop when a stop signal arrived (runner/signals.py), checkpoint when due
-(runner/checkpoint.py). Wall-clock times cover the training steps only, never evaluation, diagnostics, logging or
+(runner/checkpoint.py). Inside a long step the optimiser reports its progress to the runner's monitor
+(runner/progress.py), which shows it and can abandon the step on a stop signal: the loop then puts the state saved
+before the step back (`RunState.before_step` / `undo_step`) and stops as if the signal had come at the boundary. Wall-clock times cover the training steps only, never evaluation, diagnostics, logging or
 checkpoints. Everything the loop advances is one `RunState` (runner/state.py), which also makes the checkpoint and
 summary.json. A resumed run (runner/resume.py) is rebuilt from the same config and then put where its checkpoint
 left it (`RunState.restore`).
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import logging
 import sys
@@ -33,7 +36,9 @@ from data.batching import make_batches
 from validation.checks import check_call, positive_int
 from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
+from optimizers.monitor import StepInterrupted
 from optimizers.objective import Objective
+from runner import cost
 from runner.checkpoint import CheckpointSchedule
 from runner.device import resolve_device, resolve_dtype, synchronize
 from runner.diagnostics import Diagnostics, diagnostics_options
@@ -43,6 +48,7 @@ from runner.errors import exit_code_for
 from runner.evaluate import batch_norms, evaluate
 from runner.metadata import write_config, write_run_info, write_summary
 from runner.metrics import JSONLSink, MetricsLogger, Sink
+from runner.progress import StepProgress
 from runner.resume import Resume, metrics_rows_to_keep, plan_resume
 from runner.schema import check_config, typed_key
 from runner.seeding import seed_everything
@@ -104,7 +110,7 @@ def _train(cfg: DictConfig, output_dir: str | Path | None, signals: StopSignals)
             torch.set_num_threads(cfg.threads)
         if writer:
             write_run_info(out)
-        state, run = _setup(cfg, out, resume, writer)
+        state, run = _setup(cfg, out, resume, writer, signals)
         _loop(state, run, cfg.trainer, signals)
         return _finish(cfg, state, signals)
     except BaseException as exc:
@@ -113,7 +119,8 @@ def _train(cfg: DictConfig, output_dir: str | Path | None, signals: StopSignals)
         torch.set_num_threads(threads)  # train() may be called again in the same process
 
 
-def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> tuple[RunState, _Parts]:
+def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
+           signals: StopSignals) -> tuple[RunState, _Parts]:
     """Seed, then build the data, model, loss, optimizer and metric sinks the loop needs; restore a checkpoint."""
     trainer = cfg.trainer
     _check_trainer(trainer)
@@ -144,7 +151,8 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
     )
     total_steps, budget, conflict = budget_line(trainer, len(train_batches))
     optimizer = _call(_build(cfg.optimizer, "optimizer"), "optimizer", model.parameters())
-    optimizer.configure(total_steps=total_steps)
+    monitor = StepProgress(signals, trainer.progress_every_seconds)  # progress inside a step (runner/progress.py)
+    optimizer.configure(total_steps=total_steps, monitor=monitor)
 
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -165,7 +173,11 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool) -> t
         state.restore(resume.state)
         state.resumed_from = {"folder": str(resume.folder), "checkpoint": str(resume.checkpoint), "step": state.step}
         log.info(f"resumed from {resume.checkpoint} at step {state.step} (epoch {state.epoch:.2f})")
-    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics, rules)
+    if trainer.estimate_cost:  # a WARNING when a step or the run will be long (runner/cost.py)
+        cost.report(model, optimizer, loss_fn, splits.train, math.ceil(train_batches.batch_size / shard[1]),
+                    total_steps - state.step, device, dtype, show=writer)
+    return state, _Parts(loss_fn, test_batches, splits.loss == "cross_entropy", objective_options, diagnostics, rules,
+                         monitor)
 
 
 def _sinks(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool, config: dict[str, Any]) -> list[Sink]:
@@ -189,6 +201,7 @@ class _Parts:
     objective_options: dict[str, Any]
     diagnostics: Diagnostics
     rules: StopRules
+    monitor: StepProgress
 
 
 def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignals) -> None:
@@ -198,25 +211,32 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
     schedule = _checkpoint_schedule(trainer)
     show = state.writer and (trainer.progress if trainer.progress is not None else sys.stderr.isatty())
     bar = tqdm(total=state.total_steps, initial=state.step, unit="step", disable=not show, dynamic_ncols=True)
+    run.monitor.bar = bar if show else None
     state.model.train()
     with bar, logging_redirect_tqdm() if show else contextlib.nullcontext():  # log lines above the bar
-        stop = _at_boundary(state, signals, None)  # a signal during the set-up: stop before the first step
+        stop, save = _at_boundary(state, signals, None, run.monitor, None)  # a signal during the set-up: stop now
         state.stop_reason = run.rules.out_of_time(state.wall_time) or run.rules.reached(state.last_eval, state.step)
+        before = _before_step(state, run.monitor) if save else None  # what a signal that abandons the step restores
         while not (state.done or state.diverged or stop):
             tick = time.perf_counter()
             for inputs, targets in state.train_batches:  # (B, ...) inputs, (B,) targets: this rank's share
                 objective = make_objective(state.model, run.loss_fn, inputs, targets, **run.objective_options,
                                            global_batch_size=state.train_batches.global_batch)
                 try:
-                    stats = state.optimizer.step(objective)
+                    with run.monitor.stepping(state.step + 1, tick, abortable=before is not None):
+                        stats = state.optimizer.step(objective)
+                except StepInterrupted as stopped:  # only from a step with `before` (runner/progress.py)
+                    _abandon(state, before, stopped)
+                    stop = True
+                    break
                 except Exception as exc:
                     if _diverged_before(state, exc):
                         break
                     raise
                 average_buffers(state.model)  # batch-norm running statistics equal on every rank
                 synchronize(state.device)
-                state.record_step(stats, time.perf_counter() - tick, state.train_batches.global_batch,
-                                  **peak_memory(state.device))
+                step_time = time.perf_counter() - tick
+                state.record_step(stats, step_time, state.train_batches.global_batch, **peak_memory(state.device))
                 bar.update()
                 state.stop_reason = run.rules.out_of_time(state.wall_time)  # then evaluated as the last step
                 run.diagnostics.after_step(state)  # when due: diag/* in this row (runner/diagnostics.py)
@@ -228,22 +248,47 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
                 if evaluating or state.step % log_every == 0:
                     _flush(state, bar)  # sets state.diverged when a flushed loss is not finite
                     state.stop_reason = state.stop_reason or run.rules.reached(state.last_eval, state.step)
-                stop = not (state.done or state.diverged) and _at_boundary(state, signals, schedule)
-                if state.done or state.diverged or stop:
+                if state.done or state.diverged:
                     break
+                stop, save = _at_boundary(state, signals, schedule, run.monitor, step_time)
+                if stop:
+                    break
+                before = _before_step(state, run.monitor) if save else None
                 tick = time.perf_counter()  # evaluation, logging and checkpoints stay out of the step times
 
 
-def _at_boundary(state: RunState, signals: StopSignals, schedule: CheckpointSchedule | None) -> bool:
-    """Between two steps, the same decision on every rank: stop if a stop signal arrived (returns True), else
-    checkpoint if one is due."""
-    stop, save = any_rank(signals.requested is not None, schedule is not None and schedule.due(state.step))
+def _at_boundary(state: RunState, signals: StopSignals, schedule: CheckpointSchedule | None, monitor: StepProgress,
+                 step_time: float | None) -> tuple[bool, bool]:
+    """Between two steps, the same decisions on every rank: stop if a stop signal arrived, else checkpoint if one is
+    due. Returns (stop, save the state before the next step so that a signal can abandon it: runner/progress.py)."""
+    stop, due, save = any_rank(signals.requested is not None, schedule is not None and schedule.due(state.step),
+                               monitor.worth_saving(step_time))
     if stop:
         state.stopped_by = signals.requested or "a stop signal on another rank"
-    elif save:
+    elif due:
         state.save_checkpoint()
         schedule.done()
-    return stop
+    return stop, save and not stop
+
+
+def _before_step(state: RunState, monitor: StepProgress) -> dict[str, Any]:
+    """`state.before_step()`, timed (the monitor weighs its cost against the steps')."""
+    start = time.perf_counter()
+    saved = state.before_step()
+    monitor.copy_seconds = time.perf_counter() - start
+    return saved
+
+
+def _abandon(state: RunState, before: dict[str, Any] | None, stopped: StepInterrupted) -> None:
+    """A stop signal abandoned step state.step + 1: put back the state before it; the run stops as if the signal
+    had come at the boundary (the checkpoint written next is that boundary's)."""
+    if before is None:  # a monitor raised without a saved state: a bug, not a stop to hide
+        raise RuntimeError(f"step {state.step + 1} was interrupted ({stopped}) but no state was saved before it")
+    state.undo_step(before)
+    state.stopped_by = stopped.reason
+    state.abandoned = {"step": state.step + 1, "at": stopped.where}
+    log.info(f"step {state.step + 1} abandoned at {stopped.where} ({stopped.reason}): the run stands after step "
+             f"{state.step}")
 
 
 def _checkpoint_schedule(trainer: DictConfig) -> CheckpointSchedule | None:
@@ -293,8 +338,11 @@ def _finish(cfg: DictConfig, state: RunState, signals: StopSignals) -> RunResult
     if status == "interrupted":
         saved = f"checkpoint saved; continue with trainer.resume={state.out}" if state.checkpoint_step == state.step \
             else "no checkpoint (trainer.checkpoint=false), so it cannot be resumed"
-        print(f"curvlab: interrupted by {state.stopped_by} after step {state.step} (epoch {state.epoch:.2f}): {saved}",
-              file=sys.stderr)
+        where = f"after step {state.step} (epoch {state.epoch:.2f}):"
+        if state.abandoned is not None:
+            where = (f"during step {state.abandoned['step']}, abandoned at {state.abandoned['at']}: the run stands "
+                     f"{where[:-1]};")
+        print(f"curvlab: interrupted by {state.stopped_by} {where} {saved}", file=sys.stderr)
     if state.writer:
         print(f"curvlab: results in {state.out}")
     return RunResult(status, state.out, state.step, state.epoch, summary)
@@ -356,6 +404,10 @@ def _check_trainer(trainer: DictConfig) -> None:
         value = trainer[key]
         if value is not None and value < 1:
             raise ValueError(f"trainer.{key}={value} must be a positive integer.")
+    every = trainer.progress_every_seconds
+    if every is not None and not every > 0:
+        raise ValueError(f"trainer.progress_every_seconds={every} must be a positive number of seconds (or null: no "
+                         "progress lines inside a step).")
     minutes = trainer.checkpoint_every_minutes
     if minutes is not None and not minutes > 0:
         raise ValueError(f"trainer.checkpoint_every_minutes={minutes} must be a positive number of minutes (or null).")

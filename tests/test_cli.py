@@ -35,7 +35,7 @@ INVOCATIONS: dict[str, tuple[list[str], dict[str, str]]] = {
     "wrong_type": (["trainer.max_epochs=abc"], {}),
     "unwritable_output": (["hydra.run.dir=/proc/forbidden/run"], {}),
     "impossible_shape": (["model=simple_cnn", "hydra.run.dir=OUT/run"], {}),
-    "missing_data": (["dataset=cifar10", "data_root=OUT/empty", "hydra.run.dir=OUT/run"], {}),
+    "missing_data": (["dataset=cifar10", "dataset.download=false", "data_root=OUT/empty", "hydra.run.dir=OUT/run"], {}),
     # issue 6: every free-form group names the key; nan/inf and + keys in the typed groups are rejected (more cases
     # of the same mechanisms run in-process in test_runner.py, test_data.py and test_models.py)
     "lr_abc": (["optimizer.lr=abc", "hydra.run.dir=OUT/run"], {}),
@@ -139,7 +139,7 @@ def test_divergence_exits_3_and_names_the_step(cli):
 
 
 TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_every_minutes, drop_last, "
-                "eval_batch_size, eval_every, log_every, max_epochs, max_steps, max_time_minutes")
+                "estimate_cost, eval_batch_size, eval_every, log_every, max_epochs, max_steps, max_time_minutes")
 
 
 @pytest.mark.parametrize(
@@ -148,7 +148,8 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
         ("unknown_choice", r"'foo' is not a choice of the config group 'optimizer'\. Valid choices for optimizer: "
                            r"adahessian, adam,"),
         ("misspelled_key", rf"'trainer\.max_epoch' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
-                           rf"{TRAINER_KEYS}, num_workers, progress, resume, stop_at_target\.$"),
+                           rf"{TRAINER_KEYS}, num_workers, progress, progress_every_seconds, resume, "
+                           r"stop_at_target\.$"),
         ("wrong_type", r"invalid override trainer\.max_epochs=abc: Value 'abc' of type 'str' could not be converted"),
         ("unwritable_output", r"cannot create the output folder '/proc/forbidden"),
         ("impossible_shape", r"Model 'simple_cnn' got dataset input_shape=\(1, 8, 8\)"),
@@ -158,7 +159,8 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
         ("momentum_negative", r"optimizer\.momentum=-1(\.0)? must "),
         ("lr_nan", r"optimizer\.lr=nan must be a finite number"),
         ("plus_trainer_key", rf"'trainer\.max_step' is not a config key \(misspelled\?\)\. Valid keys under trainer: "
-                             rf"{TRAINER_KEYS}, num_workers, progress, resume, stop_at_target\.$"),  # the same message as a misspelled key
+                             rf"{TRAINER_KEYS}, num_workers, progress, progress_every_seconds, resume, "
+                             r"stop_at_target\.$"),  # the same message as a misspelled key
         ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
                                r"data_root, dataset, device, diagnostics, dtype, logger, model, objective, optimizer, "
                                r"seed, threads, trainer, tune, workload\.$"),

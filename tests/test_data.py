@@ -63,9 +63,10 @@ def test_mnist_like_real_files(build, mean, std):
     "build, name, folder", [(build_mnist, "mnist", "MNIST/raw"), (build_cifar10, "cifar10", "cifar-10-batches-py")]
 )
 def test_missing_files_error(tmp_path, build, name, folder):
+    """With dataset.download=false (the default, true, downloads: tests/test_download.py)."""
     searched = re.escape(str(tmp_path / folder))
     with pytest.raises(FileNotFoundError, match=rf"Dataset '{name}' was not found: searched {searched}.*data_root"):
-        build(str(tmp_path))
+        build(str(tmp_path), download=False)
 
 
 def test_unknown_option_and_wrong_type_are_named_from_the_signature():

@@ -254,7 +254,8 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["dataset=rosenbrock", "model=rosenbrock", "model.init=[1,nan]"], ValueError,
          r"^model.init\[1\]=nan must be a finite number.$"),
         (["+optimizer.lrr=1"], (TypeError, ValueError), r"optimizer.*lrr"),  # ValueError once Options check it
-        (["dataset=cifar10", "data_root=EMPTY"], FileNotFoundError, r"Dataset 'cifar10' was not found.*data_root"),
+        (["dataset=cifar10", "dataset.download=false", "data_root=EMPTY"], FileNotFoundError,
+         r"Dataset 'cifar10' was not found.*data_root"),
         # issue 19: the key the user typed, not the one that follows it through ${seed} (diagnostics.seed, dataset.seed)
         (["seed=-1"], ValueError, r"^seed=-1 must be an integer >= 0\.$"),
         (["seed=-1", "dataset=sine", "diagnostics=trace"], ValueError, r"^seed=-1 must be an integer >= 0\.$"),

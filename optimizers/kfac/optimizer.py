@@ -50,6 +50,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer
 from optimizers.interface import ObjectiveLike
 from validation.checks import OptionError, boolean, fail, in_range, one_of, option, optional, positive, positive_int
@@ -126,8 +127,9 @@ class KFAC(Scheduled, Optimizer):
         stale = [b for b in self.blocks.values() if b.A is not None and not b.ready]
         if self.steps % o.inverse_every == 0 or stale:
             with _Clock(self.params[0].device) as clock:
-                for block in self.blocks.values():
+                for k, block in enumerate(self.blocks.values(), 1):
                     block.decompose()
+                    step_monitor.current().report("K-FAC eigendecomposition", k, of=len(self.blocks))
             inverse_time = clock.seconds
         grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
         stats = {"loss": loss, "kfac/factor_time": factor_time, "kfac/inverse_time": inverse_time,
@@ -214,9 +216,11 @@ class KFAC(Scheduled, Optimizer):
                     loss = objective.backward()  # the gradient's own backward brings the output gradients
             else:
                 with clock:
-                    for signal in self._signals(objective, kind):
+                    signals = self._signals(objective, kind)
+                    for k, signal in enumerate(signals, 1):
                         capture.backward(signal)
                         self._extra_backwards += 1
+                        step_monitor.current().report("K-FAC Fisher backward", k, of=len(signals))
                 loss = objective.backward()
             with clock:
                 self._update_factors(capture, layers, objective, mean_loss_signal=kind == "empirical")
@@ -293,6 +297,14 @@ class KFAC(Scheduled, Optimizer):
             view.copy_(scaled)
 
     # ------------------------------------------------------------------ state
+    def gradients_per_step(self) -> tuple[float, str]:
+        """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
+        for the runner's up-front estimate (runner/cost.py)."""
+        o = self.options
+        extra = {"empirical": 0.2, "sampled": 0.7}.get(o.fisher, 5.0)  # ggn: a backward per output (10 assumed)
+        return 1 + extra, (f"optimizer.fisher={o.fisher}: ~{1 + extra:.2g} gradients per step, plus eigendecompositions "
+                           f"every optimizer.inverse_every={o.inverse_every} steps")
+
     def state_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "factor_updates": self.factor_updates,
                 "momentum": self.momentum_buffer.clone(),
@@ -301,7 +313,7 @@ class KFAC(Scheduled, Optimizer):
                 "blocks": {name: block.state_dict() for name, block in self.blocks.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.layers is not None and set(state["blocks"]) != set(self.layers):
+        if self.layers is not None and state["blocks"] and set(state["blocks"]) != set(self.layers):
             raise ValueError(f"the K-FAC state holds the layers {sorted(state['blocks'])}, but this model's covered "
                              f"layers are {sorted(self.layers)}.")
         self.steps, self.factor_updates = int(state["steps"]), int(state["factor_updates"])
@@ -312,6 +324,8 @@ class KFAC(Scheduled, Optimizer):
         for name, block_state in state["blocks"].items():
             self.blocks[name] = KroneckerBlock()
             self.blocks[name].load_state_dict(block_state)
+        if not self.blocks:  # a state from before the first step: the next step finds the layers again
+            self.layers = None
 
 
 def _refuse_shared(model: torch.nn.Module, layers: dict[str, Layer], params: list[Tensor]) -> None:
