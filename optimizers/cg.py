@@ -108,7 +108,7 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
                 break
             negatives += 1                      # seed 000 Algorithm 3: step on with alpha < 0
         i += 1
-        p = -new.y + (new.ry / s.ry) * p
+        p = p.mul_(new.ry / s.ry).sub_(new.y)  # p <- beta p - y, in place (p is never kept)
         s = new
         phis.append(host[2])
         if i in keep:
@@ -147,7 +147,7 @@ def _advance(s: _CGState, p: Tensor, ap: Tensor, b: Tensor, minv: Tensor | None,
     stopping rules read, [p'Ap, r'y, q(x), |r|^2 if tol], fetched in the iteration's one host synchronisation."""
     pap = torch.dot(p, ap)
     alpha = s.ry / pap
-    x, r = s.x + alpha * p, s.r + alpha * ap
+    x, r = torch.addcmul(s.x, alpha, p), torch.addcmul(s.r, alpha, ap)  # x + alpha p, r + alpha Ap: one pass each
     y = r if minv is None else r * minv
     new = _CGState(x, r, y, torch.dot(r, y))
     scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if tol > 0 else [])
