@@ -123,8 +123,9 @@ class CurveBall(Optimizer):
             rho, beta = solve_rho_beta(*system, first=self.z_is_zero)
         else:
             rho, beta = as_tensor_like(o.rho, z), as_tensor_like(o.beta, z)
-        z_new = rho * z - beta * dz  # Algorithm 1 line 4
-        step = o.lr * z_new          # Algorithm 1 line 5 (times the MATLAB learning rate)
+        # Algorithm 1 line 4, z <- rho z - beta dz (one fused pass for beta dz; none for rho z while z = 0)
+        z_new = torch.mul(dz, -beta) if self.z_is_zero else torch.addcmul(rho * z, beta, dz, value=-1.0)
+        step = z_new if o.lr == 1.0 else o.lr * z_new  # Algorithm 1 line 5 (times the MATLAB learning rate)
 
         stats: dict[str, Any] = {"loss": objective.loss(), "lr": o.lr, "rho": rho, "beta": beta, "damping": lam}
         if o.log_grad_norm:
@@ -159,7 +160,9 @@ class CurveBall(Optimizer):
         hjz = None if zero else objective.loss_hessian_vp(jz)
         u = g_f if zero else g_f + hjz
         method = self._jdz_method(objective) if need_forms and self.fused else None
-        dz = objective.vjp(u, keep_for_jvp=method == "double_backward") + (lam + objective.l2) * z
+        dz = objective.vjp(u, keep_for_jvp=method == "double_backward")
+        if not zero:  # + (lambda + eta) z in one fused pass
+            dz = torch.addcmul(dz, lam + objective.l2, z)
         if objective.l2_gradient() is not None:
             dz = dz + objective.l2_gradient()
         if not need_forms:
