@@ -42,6 +42,7 @@ from optimizers.backends import auto_jacobian_backend, has_batch_norm
 from optimizers.base import Optimizer, OptimizerOptions, as_tensor_like
 from validation.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
 from optimizers.interface import CURVATURES, ObjectiveLike
+from optimizers.vec import flush_tiny
 
 GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright 2006, Numerical Optimization, p. 69)
 
@@ -133,6 +134,8 @@ class CurveBall(Optimizer):
         if rescale:
             stats.update(self._rescale_lambda(objective, system, rho, beta, step, stats["loss"]))
         objective.apply(step)
+        if rescale:  # every lambda_every steps: z's subnormal-bound entries to 0 (optimizers.vec.flush_tiny)
+            flush_tiny(z_new)
         self.z, self.z_is_zero = z_new, False
         stats.update({"z_norm": z_new.norm(), "dz_norm": dz.norm(), **objective.stats()})
         return stats
