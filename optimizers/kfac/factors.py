@@ -30,8 +30,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from optimizers.patches import patch_matrix
 
 CHUNK = 2**24  # entries of unfolded patches processed at a time (bounds the memory of a convolution's A)
 GRAM_BLOCK = 192  # smallest block side of gram()'s block-triangular product
@@ -163,23 +164,6 @@ class Capture:
         for call, g in zip(calls, grads):
             if g is not None:
                 call.grads.append(g)
-
-
-def patch_matrix(conv: nn.Conv2d, x: Tensor) -> Tensor:
-    """The unfolded input patches of a convolution as ONE (C kh kw, B T) matrix, column b T + t the patch of sample b
-    at output location t (row order that of the weight's flattening, as ``F.unfold``).
-
-    A single strided copy out of the padded input: ``F.unfold`` followed by the transposition a Gram matrix over
-    samples and locations needs costs three times as much on the CPU (unfold writes (B, C k k, T), then the
-    transposed copy)."""
-    (ph, pw), (dh, dw), (sh, sw) = conv.padding, conv.dilation, conv.stride
-    kh, kw = conv.kernel_size
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    b, c, hp, wp = xp.shape
-    oh, ow = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
-    s_b, s_c, s_h, s_w = xp.stride()
-    view = xp.as_strided((c, kh, kw, b, oh, ow), (s_c, dh * s_h, dw * s_w, s_b, sh * s_h, sw * s_w))
-    return view.reshape(c * kh * kw, b * oh * ow)
 
 
 def batch_factors(layer: Layer, calls: Sequence[_Call], mean_loss_signal: bool) -> tuple[Tensor, Tensor] | None:
