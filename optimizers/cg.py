@@ -95,7 +95,7 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     _check_arguments(min_iters, max_iters, martens_tol, tol, martens_gap, negative_curvature)
     minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
     s = _start(matvec, b, x0, minv)
-    p = -s.y
+    q = s.y  # q = -p, the search direction negated (see _advance)
     head = torch.stack([0.5 * torch.dot(s.r - b, s.x), s.ry, torch.dot(b, b)]).tolist()
     phis, b_norm = [head[0]], math.sqrt(head[2])
     keep = storage_schedule(max_iters) if store_iterates else set()
@@ -105,15 +105,15 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     monitor = step_monitor.current()
     residual = tol > 0 or monitor.active  # |r|^2 among the iteration's host scalars
     while reason == "max_iters" and i < max_iters:
-        ap = matvec(p)
-        new, host = _advance(s, p, ap, b, minv, residual)
+        aq = matvec(q)
+        new, host = _advance(s, q, aq, b, minv, residual)
         if not host[0] > 0.0:                   # p^T A p <= 0 (or nan)
             if negative_curvature == "stop" or not host[0] < 0.0:  # stop, or no step length: keep the last iterate
                 reason = "negative_curvature" if negative_curvature == "stop" else "breakdown"
                 break
             negatives += 1                      # seed 000 Algorithm 3: step on with alpha < 0
         i += 1
-        p = -new.y + (new.ry / s.ry) * p
+        q = torch.addcmul(new.y, new.ry / s.ry, q)  # p <- -y + beta p, as q = -p: y + beta q in one pass
         s = new
         phis.append(host[2])
         if i in keep:
@@ -148,13 +148,16 @@ def _start(matvec: Callable[[Tensor], Tensor], b: Tensor, x0: Tensor | None, min
     return _CGState(x, r, y, torch.dot(r, y))
 
 
-def _advance(s: _CGState, p: Tensor, ap: Tensor, b: Tensor, minv: Tensor | None,
+def _advance(s: _CGState, q: Tensor, aq: Tensor, b: Tensor, minv: Tensor | None,
              residual: bool) -> tuple[_CGState, list[float]]:
-    """The candidate iterate along p (discarded by the caller if p has non-positive curvature) and the scalars the
-    stopping rules read, [p'Ap, r'y, q(x), |r|^2 if residual], fetched in the iteration's one host synchronisation."""
-    pap = torch.dot(p, ap)
-    alpha = s.ry / pap
-    x, r = s.x + alpha * p, s.r + alpha * ap
+    """The candidate iterate along p = -q (discarded by the caller if p has non-positive curvature) and the scalars
+    the stopping rules read, [p'Ap, r'y, q(x), |r|^2 if residual], fetched in the iteration's one host synchronisation.
+
+    The direction is carried negated, q = -p (A q = -A p), so that each vector update is one fused pass:
+    x + alpha p = x - alpha q, r + alpha Ap = r - alpha Aq, and p <- -y + beta p is q <- y + beta q."""
+    pap = torch.dot(q, aq)
+    neg_alpha = -(s.ry / pap)
+    x, r = torch.addcmul(s.x, neg_alpha, q), torch.addcmul(s.r, neg_alpha, aq)
     y = r if minv is None else r * minv
     new = _CGState(x, r, y, torch.dot(r, y))
     scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if residual else [])

@@ -42,6 +42,7 @@ from optimizers.backends import auto_jacobian_backend, has_batch_norm
 from optimizers.base import Optimizer, OptimizerOptions, as_tensor_like
 from validation.checks import boolean, finite, in_range, nonnegative, one_of, option, optional, positive, positive_int
 from optimizers.interface import CURVATURES, ObjectiveLike
+from optimizers.vec import flush_tiny
 
 GAMMA_LOW, GAMMA_HIGH = 0.5, 1.5  # seed 003 sec. 3 (Nocedal & Wright 2006, Numerical Optimization, p. 69)
 
@@ -123,8 +124,9 @@ class CurveBall(Optimizer):
             rho, beta = solve_rho_beta(*system, first=self.z_is_zero)
         else:
             rho, beta = as_tensor_like(o.rho, z), as_tensor_like(o.beta, z)
-        z_new = rho * z - beta * dz  # Algorithm 1 line 4
-        step = o.lr * z_new          # Algorithm 1 line 5 (times the MATLAB learning rate)
+        # Algorithm 1 line 4, z <- rho z - beta dz (one fused pass for beta dz; none for rho z while z = 0)
+        z_new = torch.mul(dz, -beta) if self.z_is_zero else torch.addcmul(rho * z, beta, dz, value=-1.0)
+        step = z_new if o.lr == 1.0 else o.lr * z_new  # Algorithm 1 line 5 (times the MATLAB learning rate)
 
         stats: dict[str, Any] = {"loss": objective.loss(), "lr": o.lr, "rho": rho, "beta": beta, "damping": lam}
         if o.log_grad_norm:
@@ -132,6 +134,8 @@ class CurveBall(Optimizer):
         if rescale:
             stats.update(self._rescale_lambda(objective, system, rho, beta, step, stats["loss"]))
         objective.apply(step)
+        if rescale:  # every lambda_every steps: z's subnormal-bound entries to 0 (optimizers.vec.flush_tiny)
+            flush_tiny(z_new)
         self.z, self.z_is_zero = z_new, False
         stats.update({"z_norm": z_new.norm(), "dz_norm": dz.norm(), **objective.stats()})
         return stats
@@ -159,7 +163,9 @@ class CurveBall(Optimizer):
         hjz = None if zero else objective.loss_hessian_vp(jz)
         u = g_f if zero else g_f + hjz
         method = self._jdz_method(objective) if need_forms and self.fused else None
-        dz = objective.vjp(u, keep_for_jvp=method == "double_backward") + (lam + objective.l2) * z
+        dz = objective.vjp(u, keep_for_jvp=method == "double_backward")
+        if not zero:  # + (lambda + eta) z in one fused pass
+            dz = torch.addcmul(dz, lam + objective.l2, z)
         if objective.l2_gradient() is not None:
             dz = dz + objective.l2_gradient()
         if not need_forms:

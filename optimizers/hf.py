@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from optimizers.base import Optimizer, clone_state
+from optimizers.vec import flush_tiny
 from optimizers.cg import CGOptions, CGResult, cg_backtrack, pcg
 from validation.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive
 from optimizers.line_search import LineSearchOptions, armijo_with
@@ -143,7 +144,7 @@ class HessianFree(Optimizer):
             precond = (objective.per_sample_grad_sq_mean() + (lam + objective.l2)).pow(o.precond_exponent)
         x0 = None
         if self.warm_start is not None and o.warm_start_decay > 0:
-            x0 = self.warm_start.to(grad) * o.warm_start_decay
+            x0 = flush_tiny(self.warm_start.to(grad) * o.warm_start_decay)
         result = pcg(matvec, -grad, x0=x0, precond=precond, **o.cg_kwargs(store_iterates=o.backtrack))
         self.warm_start = result.x
         return result

@@ -14,10 +14,10 @@ import collections
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from optimizers.losses import Loss
+from optimizers.patches import patches_by_sample
 
 
 def grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, named: list[tuple[str, Tensor]],
@@ -76,7 +76,7 @@ def _linear_sums(m: nn.Linear, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _conv_sums(m: nn.Conv2d, a: Tensor, d: Tensor) -> tuple[Tensor, Tensor]:
-    patches = F.unfold(a, m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)  # (B, C k k, P)
+    patches = patches_by_sample(m, a)  # (B, C k k, P), F.unfold as one strided copy
     d = d.flatten(2)  # (B, out, P)
     w_sq = torch.zeros(m.weight.shape[0], patches.shape[1], dtype=a.dtype, device=a.device)
     chunk = max(1, 2**24 // (d.shape[1] * patches.shape[1]))

@@ -48,13 +48,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from optimizers import monitor as step_monitor
 from optimizers.base import Optimizer
 from optimizers.interface import ObjectiveLike
 from validation.checks import OptionError, boolean, fail, in_range, one_of, option, optional, positive, positive_int
-from optimizers.kfac.factors import Capture, Layer, batch_factors, covered_layers
+from optimizers.kfac.factors import Capture, Layer, batch_factor_sums, covered_layers
 from optimizers.kfac.fisher import FISHER_TYPES, hessian_sqrt_signals, sampled_signal
 from optimizers.kfac.preconditioner import DAMPING_MODES, KroneckerBlock
 from optimizers.kfac import quadratic_model
@@ -131,16 +132,16 @@ class KFAC(Scheduled, Optimizer):
                     block.decompose()
                     step_monitor.current().report("K-FAC eigendecomposition", k, of=len(self.blocks))
             inverse_time = clock.seconds
-        grad = flatten([p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params])
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         stats = {"loss": loss, "kfac/factor_time": factor_time, "kfac/inverse_time": inverse_time,
                  "kfac/extra_backwards": self._extra_backwards}
         if o.rescale:
-            stats.update(self._rescaled_step(objective, grad, loss))
+            stats.update(self._rescaled_step(objective, flatten(grads), loss))
             return {**stats, **objective.stats()}
         lr = self.learning_rate()
         stats["lr"] = lr
         damping = o.damping + float(objective.l2)
-        direction, nu = self._direction(grad, lr, damping)
+        direction, nu = self._direction(grads, lr, damping)
         buffer = self.momentum_buffer.mul_(o.momentum).add_(direction)
         objective.apply(buffer, alpha=-lr)
         return {**stats, "damping": damping, "kfac/kl_clip": nu, "update_norm": lr * buffer.norm(),
@@ -238,27 +239,35 @@ class KFAC(Scheduled, Optimizer):
 
     def _update_factors(self, capture: Capture, layers: dict[str, Layer], objective: ObjectiveLike,
                         mean_loss_signal: bool) -> None:
-        batch = {name: batch_factors(layer, capture.calls[name], mean_loss_signal) for name, layer in layers.items()}
-        seen = [name for name, factors in batch.items() if factors is not None]
+        batch = {name: batch_factor_sums(layer, capture.calls[name], mean_loss_signal)
+                 for name, layer in layers.items()}
+        seen = [name for name, sums in batch.items() if sums is not None]
         if not seen:
             if layers:
                 raise RuntimeError("K-FAC's hooks saw no forward and backward pass of the covered layers: the "
                                    "objective's forward must first run inside step() (one fresh Objective per step).")
             return
-        parts = [t for name in seen for t in batch[name]]
-        flat = objective.reduce(flatten(parts))  # the one all-reduce of the factors (identity in one process)
         self.factor_updates += 1
+        k, decay = self.factor_updates, self.options.factor_decay
+        if not _distributed():  # objective.reduce is the identity: the counts' division joins the moving average
+            for name in seen:
+                s = batch[name]
+                self.blocks[name].update(s.a, s.g, k, decay, a_scale=1.0 / s.a_count, g_scale=1.0 / s.g_count)
+            return
+        parts = [t for name in seen for t in (batch[name].a / batch[name].a_count, batch[name].g / batch[name].g_count)]
+        flat = objective.reduce(flatten(parts))  # the one all-reduce of the factors
         pieces = unflatten(flat, parts)  # A, G, A, G, ... in the order of `seen`
-        for k, name in enumerate(seen):
-            self.blocks[name].update(pieces[2 * k], pieces[2 * k + 1], self.factor_updates, self.options.factor_decay)
+        for i, name in enumerate(seen):
+            self.blocks[name].update(pieces[2 * i], pieces[2 * i + 1], k, decay)
 
     # ------------------------------------------------------------------ the direction
-    def _direction(self, grad: Tensor, lr: float, damping: float, *, clip: bool = True,
+    def _direction(self, grad: Tensor | list[Tensor], lr: float, damping: float, *, clip: bool = True,
                    update_adam: bool = True) -> tuple[Tensor, Tensor | float]:
-        """u: KL-clipped preconditioned gradient on covered layers, the fall-back elsewhere; and nu."""
+        """u: KL-clipped preconditioned gradient on covered layers, the fall-back elsewhere; and nu. ``grad`` is flat
+        or one tensor per parameter."""
         o = self.options
-        grads = unflatten(grad, self.params)
-        direction = torch.empty_like(grad)
+        grads = unflatten(grad, self.params) if isinstance(grad, Tensor) else grad
+        direction = torch.empty(self.numel, dtype=grads[0].dtype, device=grads[0].device)
         out = unflatten(direction, self.params)
         pre, plain = [], list(self.uncovered)
         for name, layer in self.layers.items():
@@ -270,7 +279,7 @@ class KFAC(Scheduled, Optimizer):
             pre.append((layer, v, block.precondition(v, damping, o.damping_mode)))
         nu = self._kl_clip(pre, lr) if clip else 1.0
         for layer, _, d in pre:
-            layer.scatter(d * nu, out)
+            layer.scatter(d, out, scale=nu)
         for i in plain:
             out[i].copy_(grads[i])
         if o.uncovered == "adam" and self.uncovered:
@@ -281,7 +290,7 @@ class KFAC(Scheduled, Optimizer):
         kappa = self.options.kl_clip
         if kappa is None or not pre:
             return 1.0
-        vg = sum((d * v).sum() for _, v, d in pre) * lr**2
+        vg = sum(torch.dot(d.reshape(-1), v.reshape(-1)) for _, v, d in pre) * lr**2
         return torch.sqrt(kappa / vg.clamp_min(torch.finfo(vg.dtype).tiny)).clamp(max=1.0)
 
     def _adam_scale(self, views: list[Tensor], update: bool = True) -> None:
@@ -346,6 +355,11 @@ def _refuse_shared(model: torch.nn.Module, layers: dict[str, Layer], params: lis
         "layer's block would precondition the shared weight's whole gradient in turn, and the KL clip would count it "
         "once per layer). Give each layer its own parameter, or use a method with exact curvature products, which "
         "handle shared parameters (optimizer=hf, curveball or newton_cg).")
+
+
+def _distributed() -> bool:
+    """More than one rank: the objective's ``reduce`` is an all-reduce (else the identity)."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class _Clock:

@@ -31,15 +31,18 @@ class KroneckerBlock:
         self.A: Tensor | None = None  # (d_in [+1], d_in [+1])
         self.G: Tensor | None = None  # (d_out, d_out)
         self.QA = self.dA = self.QG = self.dG = None
+        self._denominator: tuple[tuple[float, str], Tensor] | None = None  # (damping, mode) -> its divisor
 
-    def update(self, a_batch: Tensor, g_batch: Tensor, k: int, decay: float) -> None:
-        """The k-th (1-based) moving-average update with this batch's factors."""
+    def update(self, a_batch: Tensor, g_batch: Tensor, k: int, decay: float, a_scale: float = 1.0,
+               g_scale: float = 1.0) -> None:
+        """The k-th (1-based) moving-average update with this batch's factors ``a_scale * a_batch`` and
+        ``g_scale * g_batch`` (the scales fold a division by the sample count into the update's one pass)."""
         eps = min(1.0 - 1.0 / k, decay)
         if self.A is None or eps == 0.0:
-            self.A, self.G = a_batch.clone(), g_batch.clone()
+            self.A, self.G = a_batch * a_scale, g_batch * g_scale
             return
-        self.A.mul_(eps).add_(a_batch, alpha=1.0 - eps)
-        self.G.mul_(eps).add_(g_batch, alpha=1.0 - eps)
+        self.A.mul_(eps).add_(a_batch, alpha=(1.0 - eps) * a_scale)
+        self.G.mul_(eps).add_(g_batch, alpha=(1.0 - eps) * g_scale)
 
     @property
     def ready(self) -> bool:
@@ -52,17 +55,25 @@ class KroneckerBlock:
         dA, self.QA = torch.linalg.eigh(self.A)
         dG, self.QG = torch.linalg.eigh(self.G)
         self.dA, self.dG = dA.clamp_min(0), dG.clamp_min(0)
+        self._denominator = None
 
     def precondition(self, v: Tensor, damping: float, mode: str = "eigenbasis") -> Tensor:
         """(G (x) A + damping)^-1 applied to the (d_out, d_in [+1]) matrix v, per ``mode`` (module docstring)."""
         rotated = self.QG.T @ v @ self.QA
-        if mode == "eigenbasis":
-            scaled = rotated / (self.dG.unsqueeze(1) * self.dA.unsqueeze(0) + damping)
-        else:
-            pi = factored_pi(self.dA, self.dG)
-            root = math.sqrt(damping)
-            scaled = rotated / ((self.dG + root / pi).unsqueeze(1) * (self.dA + pi * root).unsqueeze(0))
-        return self.QG @ scaled @ self.QA.T
+        return self.QG @ rotated.div_(self.denominator(damping, mode)) @ self.QA.T
+
+    def denominator(self, damping: float, mode: str) -> Tensor:
+        """The eigenvalues of the damped block (d_out, d_in [+1]), per ``mode``; kept until the next decomposition."""
+        key = (damping, mode)
+        if self._denominator is None or self._denominator[0] != key:
+            if mode == "eigenbasis":
+                d = torch.outer(self.dG, self.dA).add_(damping)
+            else:
+                pi = factored_pi(self.dA, self.dG)
+                root = math.sqrt(damping)
+                d = torch.outer(self.dG + root / pi, self.dA + pi * root)
+            self._denominator = (key, d)
+        return self._denominator[1]
 
     def state_dict(self) -> dict[str, Any]:
         return {k: None if getattr(self, k) is None else getattr(self, k).clone() for k in STATE_KEYS}
@@ -70,6 +81,7 @@ class KroneckerBlock:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in STATE_KEYS:
             setattr(self, k, None if state[k] is None else state[k].clone())
+        self._denominator = None
 
 
 def factored_pi(d_a: Tensor, d_g: Tensor) -> Tensor:
