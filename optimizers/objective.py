@@ -40,6 +40,7 @@ from validation import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
                                  HessianBackend, JacobianBackend, TangentFreeInputs, auto_jacobian_backend,
                                  flat_or_zero, vjp)
+from optimizers.compiled import Compiled, check_compile, compiled_forward
 from optimizers.functional import FunctionalModel, RandomState, buffer_copies, call, differentiable_twice
 from optimizers.interface import Curvature, checked_curvature
 from optimizers.losses import Loss, get_loss
@@ -61,8 +62,9 @@ class Objective:
     def __init__(self, model: nn.Module, loss_fn: Loss | str, inputs: Tensor, targets: Tensor, *,
                  ggn_backend: str = "auto", hvp_backend: str = "double_backward",
                  curvature_batch_size: int | None = None, per_sample_chunk: int | None = None,
-                 global_batch_size: int | None = None):
+                 global_batch_size: int | None = None, compile: bool = False):
         self.ggn_backend = checks.one_of("auto", *JACOBIAN_BACKENDS)("objective.ggn_backend", ggn_backend)
+        self.compile = check_compile(compile, ggn_backend)  # torch.compile: optimizers/compiled.py
         self.hvp_backend = checks.one_of(*HESSIAN_BACKENDS)("objective.hvp_backend", hvp_backend)
         self.curvature_batch_size = checks.optional(checks.positive_int)("objective.curvature_batch_size",
                                                                          curvature_batch_size)
@@ -99,6 +101,8 @@ class Objective:
     @functools.cached_property
     def jacobian_backend(self) -> str:
         """The Jacobian backend in use (``auto`` resolved against the model's layers)."""
+        if self.compile:
+            return Compiled.name
         return auto_jacobian_backend(self.model) if self.ggn_backend == "auto" else self.ggn_backend
 
     @functools.cached_property
@@ -125,8 +129,9 @@ class Objective:
         with torch.enable_grad():
             if self._random_state is None:  # the batch's one real forward pass
                 self._random_state = RandomState.capture(self.inputs.device)
+                forward = compiled_forward(self.model) if first_order and self.compile else self.model
                 with contextlib.nullcontext() if first_order else differentiable_twice():
-                    self._outputs = self.model(self.inputs)
+                    self._outputs = forward(self.inputs)
                 self._draws_random = not self._random_state.unchanged()
             else:                           # the parameters moved: same masks, running statistics untouched
                 net = self._functional()
@@ -226,6 +231,8 @@ class Objective:
         with self._timer("ggn"):
             self.product_count["ggn"] += 1
             backend, cb = self._jacobian(), self._curvature_batch()
+            if getattr(backend, "fused_ggn", False):  # the backend computes G v as a whole (optimizers.compiled)
+                return self.reduce(backend.ggn_vp(v))
             return self.reduce(vjp(cb, self.params, self.loss_fn.hessian_vp(cb.outputs, cb.targets, backend.jvp(v))))
 
     def hvp(self, v: Tensor) -> Tensor:
@@ -299,7 +306,8 @@ class Objective:
     def _jacobian(self, name: str | None = None) -> JacobianBackend:
         cb, name = self._curvature_batch(), name or self.jacobian_backend
         if name not in cb.backends:
-            backend = JACOBIAN_BACKENDS[checks.one_of(*JACOBIAN_BACKENDS)("jvp backend", name)]
+            backend = Compiled if name == Compiled.name else \
+                JACOBIAN_BACKENDS[checks.one_of(*JACOBIAN_BACKENDS)("jvp backend", name)]
             cb.backends[name] = backend(self._functional(), cb)
         return cb.backends[name]
 

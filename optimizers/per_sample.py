@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from optimizers.losses import Loss
 from optimizers.patches import patches_by_sample
+from optimizers.precision import without_autocast
 
 
 def grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, named: list[tuple[str, Tensor]],
@@ -26,7 +27,8 @@ def grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, named: l
     sums = dense_grad_sq_sums(model, loss_fn, x, y, {id(p) for _, p in named})
     rest = [n for n, p in named if id(p) not in sums]
     if rest:
-        sums.update(vmap_grad_sq_sums(dict(named), rest, loss_fn, x, y, call_with, chunk))
+        with without_autocast():  # bf16: in float32 (torch.vmap's batch norm does not mix the two)
+            sums.update(vmap_grad_sq_sums(dict(named), rest, loss_fn, x, y, call_with, chunk))
     return [sums[id(p)] for _, p in named]
 
 
@@ -36,7 +38,7 @@ def dense_grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, wa
 
     def capture(module: nn.Module, args: tuple, output: Tensor) -> None:
         if output.requires_grad:
-            layers.append((module, args[0].detach(), output))
+            layers.append((module, args[0].detach().to(module.weight.dtype), output))  # float32 under bf16 autocast
 
     handles = [m.register_forward_hook(capture) for m in model.modules() if _closed_form(m, wanted)]
     try:
@@ -56,6 +58,7 @@ def dense_grad_sq_sums(model: nn.Module, loss_fn: Loss, x: Tensor, y: Tensor, wa
     sums: dict[int, Tensor] = {}
     for (m, a, o), d in zip(layers, deltas):
         d = torch.zeros_like(o) if d is None else d
+        d = d.to(a.dtype)
         weight, bias = (_linear_sums if isinstance(m, nn.Linear) else _conv_sums)(m, a, d)
         if uses[id(m.weight)] == 1:
             sums[id(m.weight)] = weight

@@ -1,7 +1,8 @@
 """What a run writes about itself into its output folder, besides the metrics.
 
 config.yaml    the resolved config (every interpolation filled in): rerun it with `python run.py --config-path ...`
-run_info.json  code version (git commit, dirty flag), library versions, machine
+run_info.json  code version (git commit, dirty flag), library versions, machine; how the model computes (execution:
+               precision, channels-last, compile; added once the run is set up)
 summary.json   the outcome (status ok | diverged | interrupted | error, exit code, steps, final losses, best
                accuracy, wall time, the last checkpoint's step, the run it resumed)
 """
@@ -44,6 +45,14 @@ def write_run_info(output_dir: Path) -> dict[str, Any]:
     }
     _write_json(output_dir / "run_info.json", info)
     return info
+
+
+def add_run_info(output_dir: Path, **entries: Any) -> None:
+    """Add entries known only once the run is set up (e.g. ``execution``: precision, channels-last, compile) to
+    run_info.json."""
+    path = output_dir / "run_info.json"
+    info = json.loads(path.read_text()) if path.exists() else {}
+    _write_json(path, {**info, **entries})
 
 
 def write_summary(output_dir: Path, summary: dict[str, Any]) -> None:

@@ -92,6 +92,8 @@ class CurvlabConfig:
     data_root: str = "${oc.env:CURVLAB_DATA,${curvlab_cache:data}}"  # conf/config.yaml sets the same default
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # float32 | float64
+    precision: str = "float32"  # float32 | bf16: bf16 autocast of the model's forward (optimizers/precision.py)
+    channels_last: bool = False  # convolutional nets in channels-last memory (no-op without a Conv2d)
     threads: Optional[int] = None  # torch's CPU threads; null = torch's default (one per core)
     objective: dict[str, Any] = field(default_factory=dict)  # keyword arguments of optimizers.objective.Objective
     tune: TuneConfig = field(default_factory=TuneConfig)

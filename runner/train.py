@@ -36,8 +36,10 @@ from data.batching import make_batches
 from validation.checks import check_call, positive_int
 from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
+from optimizers.compiled import check_compile
 from optimizers.monitor import StepInterrupted
 from optimizers.objective import Objective
+from optimizers.precision import set_execution
 from runner import cost
 from runner.checkpoint import CheckpointSchedule
 from runner.device import resolve_device, resolve_dtype, synchronize
@@ -46,7 +48,7 @@ from runner.distributed import (any_rank, average_buffers, broadcast_model, clos
                                 world_size)
 from runner.errors import exit_code_for
 from runner.evaluate import batch_norms, evaluate
-from runner.metadata import write_config, write_run_info, write_summary
+from runner.metadata import add_run_info, write_config, write_run_info, write_summary
 from runner.metrics import JSONLSink, MetricsLogger, Sink
 from runner.progress import StepProgress
 from runner.resume import Resume, metrics_rows_to_keep, plan_resume
@@ -135,6 +137,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
     splits = _build(cfg.dataset, "dataset")
     model = _build(cfg.model, "model", input_shape=splits.input_shape, num_outputs=splits.num_outputs)
     model = model.to(device=device, dtype=dtype)
+    execution = set_execution(model, precision=cfg.precision, channels_last=cfg.channels_last)  # bf16, channels-last
     shard = (rank(), world_size())  # data parallelism: this rank's part of every global batch (data/batching.py)
     broadcast_model(model)
     if shard[0] > 0:
@@ -161,6 +164,10 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
         + (f"; {shard[1]} data-parallel ranks" if shard[1] > 1 else "")
     )
     (log.warning if conflict else log.info)(budget)
+    execution["compile"] = objective_options.get("compile", False)
+    log.info(_execution_line(execution, len(splits.train), trainer))
+    if writer:
+        add_run_info(out, execution=execution)
     diagnostics = Diagnostics(diagnostic_options, splits.train, model, loss_fn, make_objective, objective_options,
                               out if writer else None, resume)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -449,12 +456,27 @@ def _data_root(path: str) -> str:
     return os.path.normpath(hydra.utils.to_absolute_path(os.path.expanduser(os.path.expandvars(path))))
 
 
+def _execution_line(execution: dict[str, Any], samples: int, trainer: DictConfig) -> str:
+    """The start-up line saying how the model computes (precision, channels-last, torch.compile)."""
+    autocast = execution["autocast_dtype"]
+    line = (f"execution: precision {execution['precision']}"
+            + (f" (autocast {autocast} on {execution['device_type']})" if autocast else "")
+            + f", channels_last {'on' if execution['channels_last_applied'] else 'off'}"
+            + f", objective.compile {'on' if execution['compile'] else 'off'}")
+    batch = trainer.batch_size
+    if execution["compile"] and trainer.batching != "full" and batch and samples % batch and not trainer.drop_last:
+        line += (f"; the last batch of each epoch ({samples % batch} samples) compiles once more "
+                 "(trainer.drop_last=true avoids it)")
+    return line
+
+
 def _objective_options(options: DictConfig) -> dict[str, Any]:
     """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step)."""
     batch = ("model", "loss_fn", "inputs", "targets", "global_batch_size")
     options = OmegaConf.to_container(options, resolve=True)
     micro = options.pop("micro_batch_size", None)
     checked = check_call("objective", Objective, options, supplied=batch)
+    check_compile(checked.get("compile", False), checked.get("ggn_backend", "auto"))  # refused before any step
     if micro is not None:
         checked["micro_batch_size"] = positive_int("objective.micro_batch_size", micro)
     return checked

@@ -132,7 +132,7 @@ class Capture:
     def _forward(self, name: str, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not (torch.is_grad_enabled() and isinstance(output, Tensor) and output.requires_grad):
             return
-        call = _Call(args[0].detach(), output)
+        call = _Call(args[0].detach().to(module.weight.dtype), output)  # float32 factors under bf16 autocast
         output.register_hook(functools.partial(self._backward, call))
         self.calls[name].append(call)
 
@@ -142,7 +142,7 @@ class Capture:
 
     def _backward(self, call: _Call, grad: Tensor) -> None:
         if self._recording:
-            call.grads.append(grad.detach())
+            call.grads.append(grad.detach().to(call.inputs.dtype))
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
@@ -163,7 +163,7 @@ class Capture:
                                     allow_unused=True)
         for call, g in zip(calls, grads):
             if g is not None:
-                call.grads.append(g)
+                call.grads.append(g.to(call.inputs.dtype))
 
 
 def batch_factors(layer: Layer, calls: Sequence[_Call], mean_loss_signal: bool) -> tuple[Tensor, Tensor] | None:
