@@ -204,9 +204,11 @@ def test_the_copy_is_weighed_against_the_step():
 
 
 # ---------------------------------------------------------------- a real process, a real signal, mid-CG
-# HF on the whole digits training split in float64 with a tiny damping: CG needs its 600 iterations (a few ms each),
-# so each step takes seconds and the signal lands inside CG's loop.
+# HF on the whole digits training split in float64 with a tiny damping, its products on the whole batch too
+# (curvature_fraction=1): CG needs its 600 iterations (a few ms each), so each step takes seconds and the signal lands
+# inside CG's loop.
 SLOW = ["optimizer=hf", "dtype=float64", "trainer.batch_size=null", "optimizer.damping=1e-6",
+        "optimizer.curvature_fraction=1.0",
         "optimizer.cg_min_iters=600", "optimizer.cg_max_iters=600", "trainer.max_steps=2", "trainer.max_epochs=null",
         "trainer.progress_every_seconds=0.2", "trainer.log_every=1"]
 
