@@ -59,7 +59,7 @@ from typing import Any
 
 import yaml
 
-from runner import tuning
+from runner import signals, tuning
 from runner.report import quantities as q
 from runner.report.load import read_rows
 
@@ -73,7 +73,6 @@ DEFAULT_METHODS = ("sgd", "adam", "kfac", "curveball", "hf")
 LAUNCHERS = {"basic": [], "submitit_local": ["hydra/launcher=submitit_local"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("seed", "workload", "search", "optimizer", "trainer.resume", "hydra.sweep.dir", "hydra.sweeper",
             "hydra/sweeper", "hydra/launcher")  # set by the race itself
-STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2") if hasattr(signal, n))
 
 
 class RaceError(ValueError):
@@ -101,13 +100,11 @@ class Runner:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> Runner:
-        for signum in STOP_SIGNALS:
-            self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = signals.install(self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        signals.restore(self._previous)
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = self.requested or signal.Signals(signum).name

@@ -33,6 +33,21 @@ STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "S
                      if hasattr(signal, name))
 
 
+
+def install(handler: Any) -> dict[int, Any]:
+    """Makes `handler` the handler of every stop signal and returns the handlers it replaced (for `restore`). Handlers
+    can only be installed from the main thread: elsewhere it installs nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {signum: signal.signal(signum, handler) for signum in STOP_SIGNALS}
+
+
+def restore(previous: dict[int, Any]) -> None:
+    """Puts back the handlers `install` replaced."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+
+
 class StopSignals:
     """Context manager: while active, the stop signals set `requested` (the signal's name) instead of killing."""
 
@@ -43,14 +58,11 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
-        if threading.current_thread() is threading.main_thread():
-            for signum in STOP_SIGNALS:
-                self._previous[signum] = signal.signal(signum, self._handle)
+        self._previous = install(self._handle)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        restore(self._previous)
 
     def seal(self) -> None:
         """The run's outcome is decided (summary.json is about to be written): from now on a stop signal, a second

@@ -47,6 +47,18 @@ SHAPES = [(8, 5), (5, 8), (16, 16), (30, 7), (1, 6)]
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
+def assert_same_five_steps(opt, reference, ours, theirs, x, y, atol):
+    """Five steps of our optimiser (on ``ours``) and a reference torch.optim optimiser (on ``theirs``, an equal copy)
+    on the same batch end at the same parameters."""
+    for _ in range(5):
+        opt.step(Objective(ours, "cross_entropy", x, y))
+        reference.zero_grad()
+        nn.functional.cross_entropy(theirs(x), y).backward()
+        reference.step()
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=atol)
+
+
 def test_newton_schulz_maps_the_singular_values_by_the_quintic_and_keeps_the_singular_vectors(shape):
     g = matrix(*shape)
     u, s, vh = torch.linalg.svd(g, full_matrices=False)
@@ -169,13 +181,7 @@ def test_matches_pytorch_optimizers_muon_with_its_iterations_in_float64(monkeypa
     hidden, rest = [theirs[0].weight], [theirs[0].bias, theirs[2].weight, theirs[2].bias]
     reference = po.Muon([dict(params=hidden, use_muon=True, lr=0.02, weight_decay=0.01),
                          dict(params=rest, use_muon=False, lr=3e-4, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.01)])
-    for _ in range(5):
-        opt.step(Objective(ours, "cross_entropy", x, y))
-        reference.zero_grad()
-        nn.functional.cross_entropy(theirs(x), y).backward()
-        reference.step()
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-12)
+    assert_same_five_steps(opt, reference, ours, theirs, x, y, atol=1e-12)
 
 
 def test_the_adamw_part_is_torchs_adamw():
@@ -183,13 +189,7 @@ def test_the_adamw_part_is_torchs_adamw():
     options = dict(adam_lr=0.01, adam_betas=[0.9, 0.99], adam_eps=1e-8, weight_decay=0.05)
     opt = Muon(ours.parameters(), adamw_params=["0.weight"], **options)  # every parameter on AdamW
     reference = torch.optim.AdamW(theirs.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05)
-    for _ in range(5):
-        opt.step(Objective(ours, "cross_entropy", x, y))
-        reference.zero_grad()
-        nn.functional.cross_entropy(theirs(x), y).backward()
-        reference.step()
-    for p, q in zip(ours.parameters(), theirs.parameters()):
-        torch.testing.assert_close(p.detach(), q.detach(), rtol=0, atol=1e-13)
+    assert_same_five_steps(opt, reference, ours, theirs, x, y, atol=1e-13)
 
 
 def test_a_schedule_scales_both_rates():
