@@ -31,7 +31,7 @@ CONF = REPO / "conf"
 TOP = ["README.md", "CONTRIBUTING.md", "REPRODUCTION.md"]
 PAGES = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "docs").rglob("*.md") if "_pending" not in p.parts)
 DOCS = TOP + PAGES
-GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "diagnostics", "experiment", "search"]
+GROUPS = ["dataset", "model", "optimizer", "trainer", "logger", "diagnostics", "experiment", "search", "workload"]
 PACKAGES = ["runner", "optimizers", "models", "data", "validation"]
 
 # A path inside the repository, as the documents write it: scripts/report.py, runner/train.py, conf/x/y.yaml.
