@@ -79,7 +79,7 @@ def missing_choices(text: str) -> list[str]:
                 if not list(folder.glob(part + ".yaml")):
                     bad.add(f"{group}=glob({part})")
             continue
-        choices = value.split(",")
+        choices = value.rstrip(",").split(",")  # a trailing comma is prose: "optimizer=hf, curveball or ..."
         if after == "=":
             choices = choices[:-1]
         for i, choice in enumerate(choices):
