@@ -33,7 +33,7 @@ rho's dead band at 0.3 with rho ~0.5 and the loss stalls at 0.3. A rho measured 
 bounded by the gradient's signal-to-noise ratio whatever lambda is, and drove lambda to its cap (training froze).
 With the curvature on a quarter of the batch, rho on the whole batch sees the curvature's sampling error: lambda
 settles at 0.2-1.5 (digits), 1-3 (MNIST, batch 128), 0.4-11 (batch 64), and the runs improve monotonically up to the
-evaluation noise; the products are 4x cheaper. Numbers: docs/_pending/h17def.md. Seeds 002 and 004 and seed 003's
+evaluation noise; the products are 4x cheaper. Numbers: docs/benchmarks/defaults.md. Seeds 002 and 004 and seed 003's
 Levenberg-Marquardt rows take the curvature on the whole batch (``curvature_fraction: 1`` in their files).
 
 Cost: the CG products (~95 %). q(p) is free by default: CG tracks the damped model value phi of every iterate, so

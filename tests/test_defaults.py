@@ -13,7 +13,7 @@ margin, or whose training loss ends above where it started. Each method runs wit
   ``dataset=mnist model=mlp_kfac trainer.batch_size=64``, 600 steps evaluated every 100 on the 10,000 test images.
   Margin: 0.01 (100 images).
 
-The measured curves of these runs, before and after, are in docs/_pending/h17def.md.
+The measured curves of these runs, before and after, are in docs/benchmarks/defaults.md.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from runs import make_config
 
 # Not newton / newton_cg: plain Newton is the seeds' full-batch method, and no fixed damping makes the indefinite
 # Hessian of a mini-batch safe (optimizer=newton_cg on digits: 0.75 -> 0.44; damping 1 passes here but diverges on MNIST,
-# docs/_pending/h17def.md). Explicit Newton on this MLP would also build a 9,610 x 9,610 Hessian every step.
+# docs/benchmarks/defaults.md). Explicit Newton on this MLP would also build a 9,610 x 9,610 Hessian every step.
 SECOND_ORDER = ["hf", "curveball", "kfac", "lbfgs", "nlcg"]
 SEEDS = (0, 1, 2)
 needs_mnist = pytest.mark.skipif(not os.environ.get("CURVLAB_DATA"), reason="CURVLAB_DATA is not set (MNIST)")

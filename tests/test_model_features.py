@@ -21,7 +21,7 @@ this file:
 
 A cell is ``exact`` (matches its reference to float64 precision), ``consistent`` (the checks above, no reference
 exists) or ``refused`` (``REFUSED``: an OptionError at the objective's first product or the optimiser's first step,
-before anything moved, naming the feature and the alternative). docs/_pending/h19matrix.md holds the matrix as
+before anything moved, naming the feature and the alternative). docs/library/model-features.md holds the matrix as
 ``render_matrix()`` writes it; ``test_the_documented_matrix_is_this_file's`` fails when they differ (regenerate with
 ``CURVLAB_WRITE_MATRIX=1 pytest tests/test_model_features.py -k documented``).
 """
@@ -58,7 +58,7 @@ TOL = 1e-10          # relative error of a product, matrix or step against the o
 SEED = 1234          # torch.manual_seed before an objective's forward pass: the oracle redraws the same masks
 BATCH, CLASSES = 6, 3
 PIECES = 4           # micro-batches of 4 and 2 samples
-DOC = Path(__file__).resolve().parents[1] / "docs" / "_pending" / "h19matrix.md"
+DOC = Path(__file__).resolve().parents[1] / "docs" / "library" / "model-features.md"
 
 
 # ---------------------------------------------------------------------------------------------- the model features

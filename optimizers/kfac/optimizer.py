@@ -31,7 +31,7 @@ measures the exact model on the very batch it was fitted to; over a two-dimensio
 94.3 % at best, 87.0 % at step 3,000; the KL-clipped default: 96.1 %, its tuned file 97.0 %). Taking the
 model's curvature on a quarter of the batch made it diverge. Martens & Grosse pair the rule with large and growing
 mini-batches in their experiments. The KL-clipped default (lr 0.1, momentum 0.9, kappa 1e-3) trains every Quickstart and seed
-model without degrading (docs/_pending/h17def.md).
+model without degrading (docs/benchmarks/defaults.md).
 
 Two covered layers that share a parameter (tied weights) are refused at the first step: a Kronecker block belongs to
 one layer, so each block would precondition the shared gradient in turn and the KL clip would count it twice.
