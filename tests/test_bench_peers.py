@@ -51,3 +51,11 @@ def test_no_peers_prints_no_skip_lines(tiny, capsys):
     peers.main(["--models", tiny, "--repeats", "1", "--no-peers"])
     out = capsys.readouterr().out
     assert list(_rows(out)) == ROWS and "skipped" not in out
+
+
+def test_floors_table(tiny, capsys):
+    peers.main(["--models", tiny, "--repeats", "1", "--floors"])
+    out = capsys.readouterr().out
+    names = [line.strip("| ").split(" |")[0].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert names[0] == "component" and "SGD step" in names and "CurveBall: J z, J^T u, J dz in sequence" in names
+    assert "K-FAC: eigendecompositions, all layers" in names and "skipped" not in out
