@@ -4,6 +4,7 @@ same methods, all measured in one process, interleaved (issue 17, item 2):
     python scripts/bench_peers.py --threads 1                      # MLP 784-800-10 (b=1000), basic CIFAR CNN (b=128)
     python scripts/bench_peers.py --models mlp_800 --repeats 9
     python scripts/bench_peers.py --device cuda                    # on a GPU (wall-clock time)
+    python scripts/bench_peers.py --floors                         # the components behind each method's floor
     PYTHONPATH=$PWD:/path/to/kfac-pytorch:/path/to/pytorch-curveball:/path/to/PyTorchHessianFree \\
         python scripts/bench_peers.py                               # with the peers
 
@@ -31,6 +32,11 @@ backward (the empirical Fisher) without undoing the mean's 1/B, so its G of a de
 damping, learning rate and KL bound equivalent to curvlab's ``damping``, ``lr`` and ``kl_clip`` are those divided by
 B^2 (exact for dense layers; its convolution factors also divide by powers of the T output locations, where no single
 damping value matches). The cost does not depend on these values.
+
+``--floors`` prints, instead of the comparison, the components a step is made of (the Objective's own calls: the
+CurveBall products alone, one GGN product, a trial loss, the gradient, Martens' preconditioner, K-FAC's rotations and
+eigendecompositions), in SGD steps of the same process: the floor of each method as specified
+(docs/benchmarks/peers.md, "The floors").
 
 Clock: ``--clock cpu`` (the default on the CPU) reads the process's CPU time, which other jobs on a shared machine do
 not inflate (use ``--threads 1``); ``wall`` (the default on a GPU, with a synchronisation around every unit) reads the
@@ -325,6 +331,81 @@ def bench(key: str, repeats: int, device: torch.device, clock: str, with_peers: 
         print(f"  {line}")
 
 
+# ---------------------------------------------------------------------------------------------- the floors
+def floor_units(model, x, y) -> list[Unit]:
+    """The components of the methods' steps, each timed alone (``--floors``)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    gen = torch.Generator().manual_seed(2)
+    v = torch.randn(n_params, generator=gen).to(x) * 1e-3
+    m = copy.deepcopy(model)
+    sgd = SGD(m.parameters(), lr=1e-3, momentum=0.9)
+    set_up = Objective(copy.deepcopy(model), "cross_entropy", x, y)
+    set_up.gradient("ggn")  # the GGN backend built: ggn_vp is one product
+    evaluated = Objective(copy.deepcopy(model), "cross_entropy", x, y)
+    evaluated.loss()
+
+    def forward():
+        with torch.no_grad():
+            m(x)
+
+    def forward_backward():
+        m.zero_grad(set_to_none=True)
+        F.cross_entropy(m(x), y).backward()
+
+    def curveball_products():  # J z (fused into the forward), J^T (H_L J z + g_f) keeping its graph, J dz
+        o = Objective(m, "cross_entropy", x, y)
+        jz = o.forward_with_jvp(v)
+        dz = o.vjp(o.curvature_output_grad() + o.loss_hessian_vp(jz), keep_for_jvp=True)
+        o.jvp(dz, backend="double_backward")
+
+    mk = copy.deepcopy(model)
+    kfac = KFAC(mk.parameters(), fisher="empirical", factor_every=1, damping_mode="eigenbasis", **KFAC_SETTINGS)
+    for _ in range(KFAC_SETTINGS["inverse_every"]):
+        kfac.step(Objective(mk, "cross_entropy", x, y))
+    blocks = [b for b in kfac.blocks.values() if b.A is not None]
+    grads = [torch.randn(b.G.shape[0], b.A.shape[0], generator=gen).to(x) for b in blocks]
+
+    def decompose():
+        for b in blocks:
+            b.decompose()
+
+    def precondition():
+        for b, g in zip(blocks, grads):
+            b.precondition(g, KFAC_SETTINGS["damping"])
+
+    return [
+        Unit("SGD step", "curvlab", lambda: sgd.step(Objective(m, "cross_entropy", x, y))),
+        Unit("forward + backward (plain torch)", "curvlab", forward_backward),
+        Unit("forward without graph", "curvlab", forward),
+        Unit("trial loss (loss_at)", "curvlab", lambda: evaluated.loss_at(v)),
+        Unit("gradient + GGN set-up (gradient('ggn'))", "curvlab",
+             lambda: Objective(m, "cross_entropy", x, y).gradient("ggn")),
+        Unit("one GGN product (ggn_vp, set up)", "curvlab", lambda: set_up.ggn_vp(v)),
+        Unit("Martens' preconditioner (per_sample_grad_sq_mean)", "curvlab", evaluated.per_sample_grad_sq_mean),
+        Unit("CurveBall: J z, J^T u, J dz in sequence", "curvlab", curveball_products),
+        Unit("K-FAC: eigendecompositions, all layers", "curvlab", decompose),
+        Unit("K-FAC: preconditioning, all layers", "curvlab", precondition),
+    ]
+
+
+def floors(key: str, repeats: int, device: torch.device, clock: str) -> None:
+    label, build, shape, batch = MODELS[key]
+    torch.manual_seed(0)
+    model = build().to(device)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, *shape, generator=gen).to(device)
+    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    units = floor_units(model, x, y)
+    measure(units, repeats, device)
+    ms = {u.name: 1e3 * statistics.median(u.cpu if clock == "cpu" else u.wall) for u in units}
+    sgd = ms["SGD step"]
+    print(f"\n{label}, batch {batch}, {device.type}: the components of a step; median of {repeats} repeats, {clock} time")
+    print(f"| {'component':52s} | {'ms':>9s} | {'x SGD':>6s} |")
+    print(f"| {'-' * 52} | {'-' * 8}: | {'-' * 5}: |")
+    for name, t in ms.items():
+        print(f"| {name:52s} | {t:9.1f} | {t / sgd:6.2f} |")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -352,6 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clock", choices=("cpu", "wall"), default=None,
                         help="cpu: process CPU time (default on the CPU); wall: wall clock (default on a GPU)")
     parser.add_argument("--no-peers", action="store_true", help="curvlab only")
+    parser.add_argument("--floors", action="store_true",
+                        help="print the components of each method's step (its floor) instead of the comparison")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -359,7 +442,10 @@ def main(argv: list[str] | None = None) -> None:
     clock = args.clock or ("wall" if device.type == "cuda" else "cpu")
     print(machine())
     for key in args.models:
-        bench(key, args.repeats, device, clock, with_peers=not args.no_peers)
+        if args.floors:
+            floors(key, args.repeats, device, clock)
+        else:
+            bench(key, args.repeats, device, clock, with_peers=not args.no_peers)
 
 
 if __name__ == "__main__":
