@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from runner.errors import DiskFullError, is_disk_full
+from runner.run_dir import CHECKPOINT, PREVIOUS
 
-CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"
 FORMAT = 1  # bump when the layout changes; load_latest refuses other versions
 
 log = logging.getLogger("curvlab")

@@ -89,7 +89,7 @@ def describe_disk_full(exc: OSError, run_folder: str | os.PathLike | None = None
 
 
 def _has_checkpoint(folder: str | os.PathLike) -> bool:
-    from runner.checkpoint import CHECKPOINT, PREVIOUS  # imports torch: only once a run has failed
+    from runner.run_dir import CHECKPOINT, PREVIOUS  # imports torch: only once a run has failed
 
     return any(os.path.isfile(os.path.join(folder, name)) for name in (CHECKPOINT, PREVIOUS))
 

@@ -28,7 +28,8 @@ from omegaconf import OmegaConf
 from runner.distributed import launch_rank, requeued
 
 MAX_SUFFIX = 1000
-RESULT_FILES = ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.prev.pt")  # what a run leaves behind
+CHECKPOINT, PREVIOUS = "checkpoint.pt", "checkpoint.prev.pt"  # the latest checkpoint and the one before it
+RESULT_FILES = ("metrics.jsonl", "summary.json", CHECKPOINT, PREVIOUS)  # what a run leaves behind
 _chosen: dict[str, str] = {}  # template -> folder, once per process
 
 
