@@ -54,7 +54,7 @@ from optimizers.vec import flush_tiny
 from optimizers.cg import CGOptions, CGResult, cg_backtrack, pcg
 from optimizers.damping import DampingOptions, levenberg_marquardt, reduction_ratio, use_curvature_fraction
 from validation.checks import boolean, in_range, nonnegative_int, one_of, option, positive
-from optimizers.line_search import LineSearchOptions, armijo_with
+from optimizers.line_search import LineSearchOptions, armijo_after_trial
 from optimizers.interface import CURVATURES, ObjectiveLike
 
 
@@ -158,16 +158,8 @@ class HessianFree(Optimizer):
             return 0.0, 0
         if not o.line_search:                # seeds 002/004: always step, except onto a non-finite loss
             return (1.0 if math.isfinite(f_p) else 0.0), 0
-        initial, budget = o.ls_initial_rate, o.ls_max_evals
-        if o.lr == 1.0 and initial == 1.0:   # F(w + p) is known from backtracking: test rate 1 for free
-            if math.isfinite(f_p) and f_p <= f0 + o.ls_c * slope:
-                return 1.0, 0
-            initial, budget = o.ls_shrink, budget - 1
-        if budget < 1:
-            return 0.0, 0
-        found = armijo_with(o, objective, o.lr * p, loss0=p.new_tensor(f0), slope=p.new_tensor(slope),
-                            initial=initial, max_evals=budget)
-        return found.rate, found.evals
+        return armijo_after_trial(o, objective, o.lr * p, loss0=f0, slope=slope,
+                                  trial_loss=f_p if o.lr == 1.0 else None)
 
     def gradients_per_step(self) -> tuple[float, str]:
         """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,

@@ -29,9 +29,11 @@ from torch import Tensor
 
 from optimizers.base import Optimizer
 from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, pcg
+from optimizers.damping import DampingOptions, levenberg_marquardt, reduction_ratio, use_curvature_fraction
 from validation.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
 from validation.checks import positive, positive_int
 from optimizers.gd import StepSizeOptions, step_rate
+from optimizers.line_search import armijo_after_trial
 from optimizers.interface import ObjectiveLike
 from optimizers.vec import params_vector
 
@@ -41,11 +43,14 @@ CG_INITS = ("zero", "weights")
 
 
 @dataclass(frozen=True)
-class NewtonOptions(StepSizeOptions, CGOptions):
-    """Armijo constants: seed 000 gives none; Martens 2010's (rate 1, x0.8, c = 0.01, 60 tries)."""
+class NewtonOptions(StepSizeOptions, CGOptions, DampingOptions):
+    """Armijo constants: seed 000 gives none; Martens 2010's (rate 1, x0.8, c = 0.01, 60 tries). Levenberg-Marquardt
+    (``damping_factor`` > 1) and the curvature mini-batch: optimizers/damping.py, as Hessian-free's."""
 
     solver: str = option("explicit", one_of(*SOLVERS))    # explicit (dense Hessian + solve) | cg (Hessian products)
     damping: float = option(0.0, nonnegative)             # Tikhonov lambda in (H + lambda I) s = -g; 0 = plain Newton
+    damping_factor: float = option(1.0, in_range(1, math.inf))  # Levenberg-Marquardt r on lambda; 1 = fixed lambda
+    curvature_fraction: float = option(1.0, in_range(0, 1, low_open=True))  # Hessian on ceil(f B) of B samples
     descent_check: str = option("cosine", one_of(*DESCENT_CHECKS))  # see the class docstring
     descent_threshold: float = option(-1e-8, in_range(-math.inf, 0))  # T <= 0: failing directions fall back to -g
     fallback_lr: float | None = option(None, optional(positive))  # fixed step of a fall-back step; null = pretrain_lr
@@ -81,24 +86,60 @@ class Newton(Optimizer):
                 "optimizer.solver=cg (Hessian-vector products, no matrix) or raise optimizer.max_explicit_params if "
                 "the matrix fits in memory.")
         self.fallback_lr = o.pretrain_lr if o.fallback_lr is None else o.fallback_lr
+        self.damping = o.damping     # lambda: fixed (damping_factor = 1) or adapted every step
+        self._curvature = math.nan   # s^T H s of the last solve (for the reduction ratio)
+
+    @property
+    def adaptive(self) -> bool:
+        return self.options.damping_factor > 1
 
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
-        o = self.options
+        o, lam = self.options, self.damping
         if self.steps < o.pretrain_steps:
             return self._pretrain_step(objective)
+        use_curvature_fraction(objective, o.curvature_fraction)
         loss = objective.loss()
-        stats: dict[str, Any] = {"loss": loss, "damping": o.damping, "pretrain": 0}
+        stats: dict[str, Any] = {"loss": loss, "damping": lam, "pretrain": 0}
         g = objective.gradient("hessian") if o.solver == "cg" else objective.gradient()
         stats["grad_norm"] = g.norm()
         s = self._solve_explicit(objective, g, stats) if o.solver == "explicit" else self._solve_cg(objective, g, stats)
         direction, slope, fallback = self._direction(g, s, stats)
-        rate = step_rate(o, objective, direction, loss=loss, slope=slope, stats=stats,
-                         fixed=self.fallback_lr if fallback else o.lr)
+        fixed = self.fallback_lr if fallback else o.lr
+        if self.adaptive:
+            rate = self._levenberg_marquardt_step(objective, direction, loss, slope, fallback, fixed, stats)
+        else:
+            rate = step_rate(o, objective, direction, loss=loss, slope=slope, stats=stats, fixed=fixed)
         stats["step_size"] = rate
         stats.update(objective.stats())
         if rate != 0.0:
             objective.apply(direction, alpha=rate)
         return stats
+
+    def _levenberg_marquardt_step(self, objective: ObjectiveLike, direction: Tensor, loss: Tensor, slope: Tensor,
+                                  fallback: bool, fixed: float, stats: dict[str, Any]) -> float:
+        """The step's rate, and lambda for the next step from the reduction ratio of the FULL Newton step s (before
+        the line search shortens it, as Hessian-free's rho: a model that overshoots must raise lambda even when a
+        shorter step is then accepted). rho = (F(w + s) - F(w)) / q(s), q(s) = g^T s + 1/2 s^T H s with the undamped
+        Hessian of the curvature batch ([More1978]; [Martens2010] sec. 4.1). A fall-back to -g (no usable Newton
+        direction: negative curvature at once, or a non-descent s) counts as a failure (lambda * r)."""
+        o, lam = self.options, self.damping
+        f0, slope_f = float(loss), float(slope)
+        evals, rho = 0, math.nan
+        f_s = math.nan
+        if not fallback:
+            f_s, evals = float(objective.loss_at(direction)), 1
+            rho = reduction_ratio(f0, f_s, slope_f + 0.5 * self._curvature)
+        if o.step_size == "fixed":
+            rate = fixed
+        else:
+            rate, ls_evals = armijo_after_trial(o, objective, direction, loss0=f0, slope=slope_f,
+                                                trial_loss=None if fallback else f_s)
+            evals += ls_evals
+            stats.update({"line_search/rate": rate, "line_search/evals": ls_evals,
+                          "line_search/success": int(rate > 0)})
+        self.damping = levenberg_marquardt(o, lam, rho, stepped=not fallback and rate > 0)
+        stats.update({"reduction_ratio": rho, "loss_evals": evals})
+        return rate
 
     def _direction(self, g: Tensor, s: Tensor, stats: dict[str, Any]) -> tuple[Tensor, Tensor, bool]:
         """s, or -g when s fails the descent check; with the slope g^T direction."""
@@ -117,7 +158,7 @@ class Newton(Optimizer):
         lr = self.options.pretrain_lr
         loss = objective.loss()
         g = objective.gradient()
-        stats = {"loss": loss, "grad_norm": g.norm(), "pretrain": 1, "step_size": lr, "damping": self.options.damping}
+        stats = {"loss": loss, "grad_norm": g.norm(), "pretrain": 1, "step_size": lr, "damping": self.damping}
         stats.update(objective.stats())
         objective.apply(g, alpha=-lr)
         return stats
@@ -137,13 +178,15 @@ class Newton(Optimizer):
     def _solve_explicit(self, objective: ObjectiveLike, g: Tensor, stats: dict[str, Any]) -> Tensor:
         """Dense solve; a singular or non-finite system falls back to the eigendecomposition pseudo-inverse."""
         hessian = objective.hessian_matrix()
-        damping = self.options.damping
+        damping = self.damping
         system = hessian + damping * torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
         s, info = torch.linalg.solve_ex(system, -g)
         if int(info) == 0 and bool(torch.isfinite(s).all()):
             stats["solve"] = "solve"
             if self.options.track_min_eigenvalue:
                 stats["min_eigenvalue"] = torch.linalg.eigvalsh(hessian)[0]
+            if self.adaptive:
+                self._curvature = float(s.dot(hessian @ s))
             return s
         # Singular system (e.g. undamped Newton on a degenerate Hessian): minimum-norm least-squares solution,
         # dropping eigenvalues below the usual rank tolerance n * eps * max|eigenvalue|.
@@ -156,15 +199,18 @@ class Newton(Optimizer):
         inverse = torch.where(keep, 1.0 / torch.where(keep, evals, torch.ones_like(evals)), torch.zeros_like(evals))
         stats["solve"] = "pinv"
         stats["min_eigenvalue"] = evals[0] - damping
-        return -(evecs @ (inverse * (evecs.T @ g)))
+        s = -(evecs @ (inverse * (evecs.T @ g)))
+        if self.adaptive:
+            self._curvature = float(s.dot(hessian @ s))
+        return s
 
     def _solve_cg(self, objective: ObjectiveLike, g: Tensor, stats: dict[str, Any]) -> Tensor:
         """Inexact Newton: CG on Hessian-vector products (seed 000 sec. 9.2), stopped on or stepping through negative
         curvature (``cg_negative_curvature``)."""
-        o = self.options
+        o, lam = self.options, self.damping
 
         def matvec(v: Tensor) -> Tensor:
-            return objective.hvp(v) + o.damping * v
+            return objective.hvp(v) + lam * v
 
         x0 = None
         if o.cg_init == "weights":
@@ -175,7 +221,10 @@ class Newton(Optimizer):
         stats.update({"solve": "cg", "cg/iters": result.iterations, "cg/stop": result.stop_reason,
                       "cg/residual": result.residual_norm, "cg/model_decrease": result.model_decrease,
                       "cg/negative_directions": result.negative_directions})
-        return result.x
+        # CG tracks phi(x) = 1/2 x^T (H + lambda I) x + g^T x, so s^T H s = 2 (phi(s) - g^T s) - lambda |s|^2: free
+        s = result.x
+        self._curvature = 2.0 * (result.phis[-1] - float(g.dot(s))) - lam * float(s.dot(s))
+        return s
 
     # ------------------------------------------------------------------ state
 
@@ -189,3 +238,10 @@ class Newton(Optimizer):
                                  f"~{1 + 1.5 * n:.0f} gradients per step")
         cost = 1 + 0.5 * self.numel  # one vectorised Hessian column per parameter
         return cost, f"optimizer.solver=explicit: a {self.numel} x {self.numel} Hessian, ~{cost:.0f} gradients per step"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "damping": self.damping}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+        self.damping = float(state.get("damping", self.options.damping))  # checkpoints before lambda was adapted
