@@ -40,15 +40,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from optimizers.base import Optimizer
-from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, pcg
+from optimizers.base import Optimizer, clone_state
+from optimizers.cg import NEGATIVE_CURVATURE, CGOptions, cg_backtrack, pcg
 from optimizers.damping import DampingOptions, levenberg_marquardt, reduction_ratio, use_curvature_fraction
 from validation.checks import OptionError, boolean, in_range, nonnegative, nonnegative_int, one_of, option, optional
 from validation.checks import positive, positive_int
 from optimizers.gd import StepSizeOptions, step_rate
 from optimizers.line_search import armijo_after_trial
 from optimizers.interface import ObjectiveLike
-from optimizers.vec import params_vector
+from optimizers.vec import flush_tiny, params_vector
 
 SOLVERS = ("explicit", "cg")
 DESCENT_CHECKS = ("cosine", "slope", "none")
@@ -74,6 +74,10 @@ class NewtonOptions(StepSizeOptions, CGOptions, DampingOptions):
     cg_gap: int | None = option(10, optional(positive_int))  # Martens 2010's window floor (solver=cg)
     cg_init: str = option("zero", one_of(*CG_INITS))      # solver=cg: zero | weights (seed 000 sec. 14.3: w/|w|)
     cg_negative_curvature: str = option("stop", one_of(*NEGATIVE_CURVATURE))  # solver=cg: stop | continue (seed 000)
+    backtrack: bool = option(False, boolean)            # solver=cg: CG backtracking over iterates (Martens 2010 sec. 4.6)
+    warm_start_decay: float = option(0.0, in_range(0, 1))  # solver=cg: CG starts from this times the last solution
+    trust_radius: float | None = option(None, optional(positive))  # solver=cg: Steihaug-Toint's initial radius; null = off
+    max_trust_radius: float = option(100.0, positive)   # its cap
 
 
 class Newton(Optimizer):
@@ -104,6 +108,9 @@ class Newton(Optimizer):
         self.fallback_lr = o.pretrain_lr if o.fallback_lr is None else o.fallback_lr
         self.damping = o.damping     # lambda: fixed (damping_factor = 1) or adapted every step
         self._curvature = math.nan   # s^T H s of the last solve (for the reduction ratio)
+        self._trial: tuple[Tensor, float] | None = None  # (s, F(w + s)) when backtracking has evaluated it already
+        self.warm_start: Tensor | None = None  # the previous CG solution (warm_start_decay > 0)
+        self.radius = o.trust_radius  # Steihaug-Toint trust radius (None: off)
 
     @property
     def adaptive(self) -> bool:
@@ -140,10 +147,13 @@ class Newton(Optimizer):
         direction: negative curvature at once, or a non-descent s) counts as a failure (lambda * r)."""
         o, lam = self.options, self.damping
         f0, slope_f = float(loss), float(slope)
-        evals, rho = 0, math.nan
+        evals, rho = int(stats.get("cg/backtrack_evals", 0)), math.nan
         f_s = math.nan
         if not fallback:
-            f_s, evals = float(objective.loss_at(direction)), 1
+            if self._trial is not None and self._trial[0] is direction:
+                f_s = self._trial[1]      # evaluated by CG backtracking already
+            else:
+                f_s, evals = float(objective.loss_at(direction)), 1
             rho = reduction_ratio(f0, f_s, slope_f + 0.5 * self._curvature)
         if o.step_size == "fixed":
             rate = fixed
@@ -154,6 +164,12 @@ class Newton(Optimizer):
             stats.update({"line_search/rate": rate, "line_search/evals": ls_evals,
                           "line_search/success": int(rate > 0)})
         self.damping = levenberg_marquardt(o, lam, rho, stepped=not fallback and rate > 0)
+        if self.radius is not None:  # Nocedal & Wright 2006 Algorithm 4.1 on the full step's rho
+            stats["trust_radius"] = self.radius
+            if fallback or not rho >= 0.25:
+                self.radius = 0.25 * self.radius
+            elif rho > 0.75 and float(direction.norm()) >= 0.99 * self.radius:
+                self.radius = min(2.0 * self.radius, o.max_trust_radius)
         stats.update({"reduction_ratio": rho, "loss_evals": evals})
         return rate
 
@@ -229,17 +245,34 @@ class Newton(Optimizer):
             return objective.hvp(v) + lam * v
 
         x0 = None
-        if o.cg_init == "weights":
+        if o.warm_start_decay > 0 and self.warm_start is not None:
+            x0 = flush_tiny(self.warm_start.to(g) * o.warm_start_decay)
+        elif o.cg_init == "weights":
             # Seed 000 sec. 14.3 warm-starts CG "from the normalised weight vector w / |w|".
             w = params_vector(self.params)
             x0 = w / w.norm() if bool(w.norm() > 0) else None
-        result = pcg(matvec, -g, x0=x0, **o.cg_kwargs(store_iterates=False, negative_curvature=o.cg_negative_curvature))
+        result = pcg(matvec, -g, x0=x0, **o.cg_kwargs(store_iterates=o.backtrack, radius=self.radius,
+                                                       negative_curvature=o.cg_negative_curvature))
+        if o.warm_start_decay > 0:
+            self.warm_start = result.x
         stats.update({"solve": "cg", "cg/iters": result.iterations, "cg/stop": result.stop_reason,
                       "cg/residual": result.residual_norm, "cg/model_decrease": result.model_decrease,
                       "cg/negative_directions": result.negative_directions})
+        self._trial = None
+        cg_iter, s = result.iterations, result.x
+        if o.backtrack and result.iterations > 0:
+            evals = 0
+
+            def loss_at(delta: Tensor) -> Tensor:
+                nonlocal evals
+                evals += 1
+                return objective.loss_at(delta)
+
+            cg_iter, s, f_s = cg_backtrack(result.iterates, loss_at)
+            self._trial = (s, float(f_s))
+            stats.update({"cg/backtrack_iter": cg_iter, "cg/backtrack_evals": evals})
         # CG tracks phi(x) = 1/2 x^T (H + lambda I) x + g^T x, so s^T H s = 2 (phi(s) - g^T s) - lambda |s|^2: free
-        s = result.x
-        self._curvature = 2.0 * (result.phis[-1] - float(g.dot(s))) - lam * float(s.dot(s))
+        self._curvature = 2.0 * (result.phis[cg_iter] - float(g.dot(s))) - lam * float(s.dot(s))
         return s
 
     # ------------------------------------------------------------------ state
@@ -256,8 +289,16 @@ class Newton(Optimizer):
         return cost, f"optimizer.solver=explicit: a {self.numel} x {self.numel} Hessian, ~{cost:.0f} gradients per step"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "damping": self.damping}
+        state = {"steps": self.steps, "damping": self.damping}
+        if self.radius is not None:
+            state["trust_radius"] = self.radius
+        if self.warm_start is not None:
+            state["warm_start"] = clone_state(self.warm_start)
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.damping = float(state.get("damping", self.options.damping))  # checkpoints before lambda was adapted
+        self.radius = state.get("trust_radius", self.options.trust_radius)
+        ws = state.get("warm_start")
+        self.warm_start = None if ws is None else ws.detach().clone().to(self.params[0].device)
