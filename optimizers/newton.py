@@ -76,7 +76,7 @@ class NewtonOptions(StepSizeOptions, CGOptions, DampingOptions):
     cg_negative_curvature: str = option("stop", one_of(*NEGATIVE_CURVATURE))  # solver=cg: stop | continue (seed 000)
     backtrack: bool = option(False, boolean)            # solver=cg: CG backtracking over iterates (Martens 2010 sec. 4.6)
     warm_start_decay: float = option(0.0, in_range(0, 1))  # solver=cg: CG starts from this times the last solution
-    trust_radius: float | None = option(None, optional(positive))  # solver=cg: Steihaug-Toint's initial radius; null = off
+    trust_radius: float | None = option(1.0, optional(positive))  # solver=cg: Steihaug-Toint's initial radius; null = off
     max_trust_radius: float = option(100.0, positive)   # its cap
 
 
@@ -110,7 +110,7 @@ class Newton(Optimizer):
         self._curvature = math.nan   # s^T H s of the last solve (for the reduction ratio)
         self._trial: tuple[Tensor, float] | None = None  # (s, F(w + s)) when backtracking has evaluated it already
         self.warm_start: Tensor | None = None  # the previous CG solution (warm_start_decay > 0)
-        self.radius = o.trust_radius  # Steihaug-Toint trust radius (None: off)
+        self.radius = o.trust_radius if o.solver == "cg" else None  # Steihaug-Toint trust radius (None: off)
 
     @property
     def adaptive(self) -> bool:

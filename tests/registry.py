@@ -73,7 +73,7 @@ class Method:
     equivalence: dict[str, dict[str, Any]] = field(default_factory=lambda: {"": {}})
 
 
-PLAIN_NEWTON = dict(damping=0.0, damping_factor=1.0, curvature_fraction=1.0)
+PLAIN_NEWTON = dict(damping=0.0, damping_factor=1.0, curvature_fraction=1.0, trust_radius=None)
 
 METHODS: dict[str, Method] = {
     "sgd": Method(Minima(dict(lr=2e-3, momentum=0.9), quadratic=(217, 113), rosenbrock=(1126, 861)),
