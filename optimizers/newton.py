@@ -299,6 +299,7 @@ class Newton(Optimizer):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
         self.damping = float(state.get("damping", self.options.damping))  # checkpoints before lambda was adapted
-        self.radius = state.get("trust_radius", self.options.trust_radius)
+        if self.radius is not None:  # solver=cg with a trust region (checkpoints before it: the initial radius)
+            self.radius = float(state.get("trust_radius", self.options.trust_radius))
         ws = state.get("warm_start")
         self.warm_start = None if ws is None else ws.detach().clone().to(self.params[0].device)
