@@ -14,6 +14,9 @@ only sees through ``matvec``. It follows seed 002 Algorithm 2 and Martens 2010 s
   which takes alpha = r^T y / p^T A p whatever its sign and iterates on to the tolerance, leaving the judgement of the
   result to the caller (seed 000 Algorithm 4's descent check). CG on a symmetric indefinite but non-singular A still
   reaches A^-1 b in at most n steps unless p^T A p = 0 exactly ("breakdown", the only stop it cannot step past);
+* ``radius``: Steihaug-Toint's trust region ([NocedalWright2006] Algorithm 7.2; Newton-CG's default): a direction of
+  non-positive curvature, or an iterate that would leave |x| <= radius, is followed to the boundary and the solve
+  stops there ("boundary");
 * iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6);
 * each iteration and each backtracking evaluation is reported to the step's monitor (optimizers/monitor.py), which
   may stop the step there.
@@ -34,7 +37,7 @@ from optimizers import monitor as step_monitor
 from optimizers.base import OptimizerOptions
 from validation.checks import fail, nonnegative, nonnegative_int, option, optional, positive_int
 
-STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature", "breakdown")
+STOP_REASONS = ("martens", "max_iters", "tolerance", "negative_curvature", "breakdown", "boundary")
 NEGATIVE_CURVATURE = ("stop", "continue")
 
 
@@ -85,12 +88,16 @@ def storage_schedule(max_iters: int) -> set[int]:
 
 def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = None, precond: Tensor | None = None,
         min_iters: int = 1, max_iters: int = 250, martens_tol: float = 5e-4, tol: float = 0.0,
-        store_iterates: bool = True, martens_gap: int = 10, negative_curvature: str = "stop") -> CGResult:
+        store_iterates: bool = True, martens_gap: int = 10, negative_curvature: str = "stop",
+        radius: float | None = None) -> CGResult:
     """Minimise q(x) = 1/2 x^T A x - b^T x with A = ``matvec`` by preconditioned CG.
 
     ``precond`` is the diagonal of M (positive), ``x0`` the warm start (zero when None). ``martens_tol = 0`` switches
     Martens' rule off, ``tol`` > 0 stops once |r| <= tol |b|. An exactly zero residual always stops ("tolerance").
     ``negative_curvature``: "stop" at a direction with p^T A p <= 0, or "continue" through it (seed 000 Algorithm 3).
+    ``radius``: Steihaug-Toint's trust region |x| <= radius (Nocedal & Wright 2006, Algorithm 7.2; needs x0 = None):
+    a direction of non-positive curvature, or an iterate that would leave the region, is followed to the boundary
+    |x| = radius and the solve stops there ("boundary"); the last phis entry is q of that boundary point.
     """
     _check_arguments(min_iters, max_iters, martens_tol, tol, martens_gap, negative_curvature)
     minv = None if precond is None else precond.reciprocal()  # hoisted: M^-1 once per solve
@@ -107,6 +114,12 @@ def pcg(matvec: Callable[[Tensor], Tensor], b: Tensor, *, x0: Tensor | None = No
     while reason == "max_iters" and i < max_iters:
         aq = matvec(q)
         new, host = _advance(s, q, aq, b, minv, residual)
+        if radius is not None and (not host[0] > 0.0 or float(new.x.norm()) >= radius):
+            s, phi = _to_boundary(s, q, host[0], radius, phis[-1])  # Steihaug-Toint: along p to |x| = radius, and stop
+            i += 1
+            phis.append(phi)
+            reason = "boundary"
+            break
         if not host[0] > 0.0:                   # p^T A p <= 0 (or nan)
             if negative_curvature == "stop" or not host[0] < 0.0:  # stop, or no step length: keep the last iterate
                 reason = "negative_curvature" if negative_curvature == "stop" else "breakdown"
@@ -162,6 +175,16 @@ def _advance(s: _CGState, q: Tensor, aq: Tensor, b: Tensor, minv: Tensor | None,
     new = _CGState(x, r, y, torch.dot(r, y))
     scalars = [pap, new.ry, 0.5 * torch.dot(r - b, x)] + ([torch.dot(r, r)] if residual else [])
     return new, torch.stack(scalars).tolist()
+
+
+def _to_boundary(s: _CGState, q: Tensor, pap: float, radius: float, phi: float) -> tuple[_CGState, float]:
+    """x + tau p with tau >= 0 and |x + tau p| = radius (p = -q), and q(x + tau p) = q(x) + tau r^T p + tau^2/2 p^T A p
+    (the residual r = A x - b of the last accepted iterate; r is not updated: the solve ends here)."""
+    xq, qq, xx, rq = torch.stack([torch.dot(s.x, q), torch.dot(q, q), torch.dot(s.x, s.x), torch.dot(s.r, q)]).tolist()
+    # |x - tau q|^2 = radius^2: qq tau^2 - 2 xq tau + (xx - radius^2) = 0, the positive root (xx < radius^2)
+    tau = (xq + math.sqrt(max(xq * xq - qq * (xx - radius * radius), 0.0))) / qq if qq > 0 else 0.0
+    x = torch.add(s.x, q, alpha=-tau)
+    return _CGState(x, s.r, s.y, s.ry), phi - tau * rq + 0.5 * tau * tau * pap
 
 
 def _check_arguments(min_iters: int, max_iters: int, martens_tol: float, tol: float, martens_gap: int,

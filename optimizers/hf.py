@@ -52,13 +52,14 @@ from torch import Tensor
 from optimizers.base import Optimizer, clone_state
 from optimizers.vec import flush_tiny
 from optimizers.cg import CGOptions, CGResult, cg_backtrack, pcg
-from validation.checks import boolean, fail, in_range, nonnegative_int, one_of, option, positive
-from optimizers.line_search import LineSearchOptions, armijo_with
+from optimizers.damping import DampingOptions, levenberg_marquardt, reduction_ratio, use_curvature_fraction
+from validation.checks import boolean, in_range, nonnegative_int, one_of, option, positive
+from optimizers.line_search import LineSearchOptions, armijo_after_trial
 from optimizers.interface import CURVATURES, ObjectiveLike
 
 
 @dataclass(frozen=True)
-class HFOptions(CGOptions, LineSearchOptions):
+class HFOptions(CGOptions, LineSearchOptions, DampingOptions):
     """Defaults follow seed 002 (GGN, preconditioned CG with at least 3 steps and its stopping window, r = 1.5) and
     Martens 2010 where seed 002 is silent (warm start 0.95, at most 250 CG steps, backtracking, Armijo search, the
     curvature on a quarter of the batch: seed 002 uses the whole batch, for mini-batches see the module docstring).
@@ -66,10 +67,8 @@ class HFOptions(CGOptions, LineSearchOptions):
     Martens' demo uses 45, seed 004 a fixed lambda = 4 (HF-GN) or 32 (HF-Newton) with damping_factor = 1, lr = 0.5."""
 
     curvature: str = option("ggn", one_of(*CURVATURES))  # ggn (Gauss-Newton, seed 002) | hessian (HF-Newton, seed 004)
-    damping: float = option(1.0, positive)              # initial lambda
-    damping_factor: float = option(1.5, in_range(1, math.inf))  # Levenberg-Marquardt r (seed 002 eq. 26); 1 = fixed
-    min_damping: float = option(1e-8, positive)         # lower clamp on lambda
-    max_damping: float = option(1e8, positive)          # upper clamp on lambda
+    # damping (initial lambda, 1), damping_factor (r, 1.5), min_damping, max_damping, curvature_fraction (0.25):
+    # optimizers/damping.py (shared with Newton-CG)
     lr: float = option(1.0, positive)                   # step w += lr * rate * p (seed 004: 0.5)
     preconditioner: bool = option(True, boolean)        # Martens' diagonal preconditioner M
     precond_exponent: float = option(0.75, in_range(0, 1, low_open=True))  # alpha (fmeirinhos port: 0.85)
@@ -78,16 +77,6 @@ class HFOptions(CGOptions, LineSearchOptions):
     backtrack: bool = option(True, boolean)             # CG backtracking over iterates ceil(5 * 1.3^j)
     line_search: bool = option(True, boolean)           # Armijo from rate 1; false = always step (seeds 002, 004)
     exact_model: bool = option(False, boolean)          # true: one extra product for q(p); false: from CG's phi
-    curvature_fraction: float = option(0.25, in_range(0, 1, low_open=True))  # curvature on ceil(f B) of B samples
-
-    def validate(self) -> None:
-        super().validate()
-        if self.min_damping > self.max_damping:
-            fail(self.key("min_damping"), self.min_damping, f"must not exceed {self.key('max_damping')}="
-                 f"{self.max_damping}.")
-        if not self.min_damping <= self.damping <= self.max_damping:
-            fail(self.key("damping"), self.damping, f"(the initial lambda) must lie in [min_damping, max_damping] = "
-                 f"[{self.min_damping:g}, {self.max_damping:g}].")
 
 
 class HessianFree(Optimizer):
@@ -102,16 +91,16 @@ class HessianFree(Optimizer):
 
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         o, lam = self.options, self.damping
-        self._curvature_batch(objective)
+        use_curvature_fraction(objective, o.curvature_fraction)
         grad = objective.gradient(o.curvature)
         loss = objective.loss()
         f0 = float(loss)
         result = self._solve(objective, grad, lam)
         cg_iter, p, f_p, evals = self._backtrack(objective, result)
         q = self._model_decrease(objective, grad, p, result, cg_iter, lam)
-        rho = _reduction_ratio(f0, f_p, q)
+        rho = reduction_ratio(f0, f_p, q)
         rate, ls_evals = self._step_size(objective, p, f0=f0, f_p=f_p, slope=o.lr * float(grad.dot(p)))
-        self.damping = self._levenberg_marquardt(lam, rho, rate)
+        self.damping = levenberg_marquardt(o, lam, rho, stepped=rate > 0)
         stats: dict[str, Any] = {
             "loss": loss, "damping": lam, "lr": o.lr, "grad_norm": grad.norm(),
             "cg/iters": result.iterations, "cg/stop": result.stop_reason, "cg/residual": result.residual_norm,
@@ -122,15 +111,6 @@ class HessianFree(Optimizer):
         if rate > 0:
             objective.apply(p, alpha=o.lr * rate)
         return stats
-
-    def _curvature_batch(self, objective: ObjectiveLike) -> None:
-        """The curvature mini-batch (Martens 2010 sec. 4.3), unless ``objective.curvature_batch_size`` chose one."""
-        fraction = self.options.curvature_fraction
-        if fraction < 1 and objective.curvature_batch_size is None:
-            batch = objective.inputs.shape[0]
-            size = math.ceil(fraction * batch)
-            if size < batch:
-                objective.set_curvature_batch_size(size)
 
     def _solve(self, objective: ObjectiveLike, grad: Tensor, lam: float) -> CGResult:
         """PCG on (C + lambda I) x = -g, preconditioned and warm-started (Martens 2010 sec. 4.5, 4.7)."""
@@ -178,25 +158,8 @@ class HessianFree(Optimizer):
             return 0.0, 0
         if not o.line_search:                # seeds 002/004: always step, except onto a non-finite loss
             return (1.0 if math.isfinite(f_p) else 0.0), 0
-        initial, budget = o.ls_initial_rate, o.ls_max_evals
-        if o.lr == 1.0 and initial == 1.0:   # F(w + p) is known from backtracking: test rate 1 for free
-            if math.isfinite(f_p) and f_p <= f0 + o.ls_c * slope:
-                return 1.0, 0
-            initial, budget = o.ls_shrink, budget - 1
-        if budget < 1:
-            return 0.0, 0
-        found = armijo_with(o, objective, o.lr * p, loss0=p.new_tensor(f0), slope=p.new_tensor(slope),
-                            initial=initial, max_evals=budget)
-        return found.rate, found.evals
-
-    def _levenberg_marquardt(self, lam: float, rho: float, rate: float) -> float:
-        """Seed 002 eq. 26: rho > 3/4 -> lambda / r; rho < 1/4, nan or no step -> lambda * r."""
-        o = self.options
-        if rate > 0 and rho > 0.75:
-            lam = lam / o.damping_factor
-        elif rate == 0 or not rho >= 0.25:
-            lam = lam * o.damping_factor
-        return min(max(lam, o.min_damping), o.max_damping)
+        return armijo_after_trial(o, objective, o.lr * p, loss0=f0, slope=slope,
+                                  trial_loss=f_p if o.lr == 1.0 else None)
 
     def gradients_per_step(self) -> tuple[float, str]:
         """A rough cost per step, in gradients (one forward and backward pass over the batch), and how it comes about,
@@ -213,11 +176,3 @@ class HessianFree(Optimizer):
         ws = state["warm_start"]
         self.warm_start = None if ws is None else ws.detach().clone().to(self.params[0].device)
 
-
-def _reduction_ratio(f0: float, f_p: float, q: float) -> float:
-    """rho = (F(w + p) - F(w)) / q(p) (seed 002 eq. 25); -inf when F went up or is not finite (Martens' code)."""
-    if not math.isfinite(f_p) or f_p > f0:
-        return -math.inf
-    if not q < 0:  # the model predicts no decrease: rho is meaningless
-        return math.nan
-    return (f_p - f0) / q

@@ -9,6 +9,7 @@ Every method names these settings ``ls_*`` (``LineSearchOptions``). Each trial i
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -61,3 +62,23 @@ def armijo_with(options: LineSearchOptions, objective: ObjectiveLike, direction:
     return armijo(objective, direction, loss0=loss0, slope=slope,
                   initial=options.ls_initial_rate if initial is None else initial, shrink=options.ls_shrink,
                   c=options.ls_c, max_evals=options.ls_max_evals if max_evals is None else max_evals)
+
+
+def armijo_after_trial(options: LineSearchOptions, objective: ObjectiveLike, direction: Tensor, *, loss0: float,
+                       slope: float, trial_loss: float | None) -> tuple[float, int]:
+    """``armijo_with`` when the loss at rate 1, f(w + direction), is known already (``trial_loss``; None: not known):
+    rate 1 is then tested for free when it is the first trial. Returns (rate, loss evaluations spent); rate 0 = no
+    step (the direction is not a descent direction, or the search failed). Used by Hessian-free and Newton, whose
+    reduction ratio needs f(w + p) anyway."""
+    if not slope < 0:
+        return 0.0, 0
+    initial, budget = options.ls_initial_rate, options.ls_max_evals
+    if trial_loss is not None and initial == 1.0:
+        if math.isfinite(trial_loss) and trial_loss <= loss0 + options.ls_c * slope:
+            return 1.0, 0
+        initial, budget = options.ls_shrink, budget - 1
+    if budget < 1:
+        return 0.0, 0
+    found = armijo_with(options, objective, direction, loss0=direction.new_tensor(loss0),
+                        slope=direction.new_tensor(slope), initial=initial, max_evals=budget)
+    return found.rate, found.evals

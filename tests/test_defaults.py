@@ -25,10 +25,11 @@ from runner.metrics import read_jsonl
 from runner.train import train
 from runs import make_config
 
-# Not newton / newton_cg: plain Newton is the seeds' full-batch method, and no fixed damping makes the indefinite
-# Hessian of a mini-batch safe (optimizer=newton_cg on digits: 0.75 -> 0.44; damping 1 passes here but diverges on MNIST,
-# docs/benchmarks/defaults.md). Explicit Newton on this MLP would also build a 9,610 x 9,610 Hessian every step.
-SECOND_ORDER = ["hf", "curveball", "kfac", "lbfgs", "nlcg"]
+# Not newton (solver=explicit): it refuses the Quickstart MLP up front (9,610 parameters, a dense Hessian of ~46 s a
+# step; tests/test_newton.py), pointing to newton_cg. newton_cg's defaults: Steihaug-Toint's trust region (radius from
+# 1, adapted by the full step's rho) with Levenberg-Marquardt lambda and the Hessian on a quarter of the batch
+# (docs/benchmarks/defaults.md: plain Newton ended at 0.37-0.76, Levenberg-Marquardt alone still swung by 0.037).
+SECOND_ORDER = ["hf", "curveball", "kfac", "lbfgs", "nlcg", "newton_cg"]
 SEEDS = (0, 1, 2)
 needs_mnist = pytest.mark.skipif(not os.environ.get("CURVLAB_DATA"), reason="CURVLAB_DATA is not set (MNIST)")
 
@@ -64,6 +65,7 @@ MNIST_RUNS = {  # the README's Quickstart lines on real MNIST, cut to 600 steps
     "curveball": ["dataset=mnist", "model=mlp"],
     "kfac": ["dataset=mnist", "model=mlp_kfac", "trainer.batch_size=64"],
     "hf-batch-64": ["dataset=mnist", "model=mlp_kfac", "trainer.batch_size=64"],  # seed 003's MLP, where HF stalled
+    "newton_cg": ["dataset=mnist", "model=mlp"],
 }
 
 

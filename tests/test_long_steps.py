@@ -45,7 +45,8 @@ CASES = {
     "hf-batch-norm": ("hf", ["model=cifar_basic_cnn_bn"], "CG iteration 2 "),  # running statistics moved in the step
     "hf-backtracking": ("hf", [], "CG backtracking 1 "),
     "hf-line-search": ("hf", ["optimizer.ls_initial_rate=4.0"], "line-search trial 1 "),
-    "newton_cg": ("newton_cg", ["dtype=float64", "optimizer.damping=1.0"], "CG iteration 2 "),
+    "newton_cg": ("newton_cg", ["dtype=float64", "optimizer.damping=1.0", "optimizer.trust_radius=null"],
+                  "CG iteration 2 "),  # without the trust region, whose boundary may end CG at iteration 1
     "newton-armijo": ("newton", ["dtype=float64", "model.hidden=[4]", "optimizer.ls_initial_rate=4.0"],
                       "line-search trial 1 "),
     "gd-armijo": ("gd", ["optimizer.step_size=armijo", "optimizer.ls_initial_rate=8.0"], "line-search trial 1 "),

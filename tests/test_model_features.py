@@ -326,8 +326,10 @@ def check_cell(feature: str, column: str, run: Callable[[], object]) -> None:
 FLOAT32_ONLY = {"heavyball_soap": "heavyball.SOAP keeps float32 state: in float64 its first step stops with "
                                   "'expected scalar type Double but found Float'"}
 OVERRIDES = {  # settings that make the first step a closed-form quantity of the oracle (registry.make overrides)
-    "newton": dict(step_size="fixed", lr=1.0),
-    "newton_cg": dict(step_size="fixed", lr=1.0, cg_tol=1e-12, cg_martens_tol=0.0, cg_max_iters=2000),
+    # Newton: a fixed lambda on the whole batch (the defaults adapt lambda and take the Hessian on a quarter)
+    "newton": dict(step_size="fixed", lr=1.0, damping_factor=1.0, curvature_fraction=1.0),
+    "newton_cg": dict(step_size="fixed", lr=1.0, cg_tol=1e-12, cg_martens_tol=0.0, cg_max_iters=2000,
+                      damping_factor=1.0, curvature_fraction=1.0, trust_radius=None),
     "hf": dict(damping=1.0, backtrack=False, line_search=False, cg_tol=1e-12, cg_martens_tol=0.0, cg_max_iters=2000,
                cg_min_iters=1, curvature_fraction=1.0),  # the oracle's GGN is the whole batch's
     "curveball": dict(damping=1.0),

@@ -14,7 +14,8 @@ from torch import nn
 
 from models.problems import Rosenbrock
 from optimizers.gd import GradientDescent
-from optimizers.newton import Newton
+from optimizers.cg import pcg
+from optimizers.newton import Newton as _Newton
 from optimizers.objective import Objective
 from optimizers.vec import params_vector
 
@@ -23,6 +24,16 @@ ONE = torch.ones(2, dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------------------------------- problems
+# Most tests here are about the algorithm the seeds run: plain Newton, or a fixed lambda, with the Hessian of the whole
+# batch. The defaults (Levenberg-Marquardt from lambda = 1, the Hessian on a quarter of the batch; issue 17) are tested
+# at the end of this file and in tests/test_defaults.py.
+PLAIN = dict(damping=0.0, damping_factor=1.0, curvature_fraction=1.0, trust_radius=None)
+
+
+def Newton(params, **options):  # noqa: N802 (the class under test, with the seeds' plain settings unless overridden)
+    return _Newton(params, **{**PLAIN, **options})
+
+
 def least_squares(seed: int = 0):
     """nn.Linear(4, 2) fitted by "mse" to random data, and its minimiser from an independent lstsq."""
     g = torch.Generator().manual_seed(seed)
@@ -337,10 +348,11 @@ def test_gradient_descent_armijo_decreases_monotonically():
 
 
 # ---------------------------------------------------------------------------------------------------- state and errors
+@pytest.mark.parametrize("adaptive", [{}, dict(damping_factor=1.5, curvature_fraction=0.5)], ids=["fixed", "lm"])
 @pytest.mark.parametrize("solver", ["explicit", "cg"])
-def test_state_dict_round_trip_is_bit_exact(solver):
+def test_state_dict_round_trip_is_bit_exact(solver, adaptive):
     (x, y), n = mlp_data(), 3
-    hyper = dict(solver=solver, damping=1e-3, pretrain_steps=2, pretrain_lr=0.05)
+    hyper = dict(solver=solver, damping=1e-3, pretrain_steps=2, pretrain_lr=0.05, **adaptive)
     ref = tiny_mlp()
     ref_opt = Newton(ref.parameters(), **hyper)
     run(ref_opt, ref, x, y, 2 * n)
@@ -354,14 +366,135 @@ def test_state_dict_round_trip_is_bit_exact(solver):
     resumed_opt = Newton(resumed.parameters(), **hyper)
     resumed_opt.load_state_dict(opt_state)
     assert resumed_opt.steps == n  # past the pre-training steps: the next step is a Newton step
+    assert resumed_opt.damping == opt.damping and (not adaptive or opt.damping != 1e-3)  # lambda moved and came back
     run(resumed_opt, resumed, x, y, n)
     assert all(torch.equal(a, b) for a, b in zip(ref.parameters(), resumed.parameters()))
 
 
 def test_explicit_solver_refuses_large_models():
     model = nn.Linear(200, 100).double()  # 20,100 parameters
-    with pytest.raises(ValueError, match=r"max_explicit_params=20000.*solver=cg"):
-        Newton(model.parameters())
+    with pytest.raises(ValueError, match=r"20,100 x 20,100 Hessian.*max_explicit_params=2,000.*optimizer=newton_cg"):
+        _Newton(model.parameters())
     Newton(model.parameters(), solver="cg")
     Newton(model.parameters(), max_explicit_params=30_000)
 
+
+def test_optimizer_newton_on_the_quickstart_mlp_is_refused_up_front_naming_newton_cg():
+    """9,610 parameters: a dense Hessian costs ~46 s a step on one core (docs/_pending/h17newton2.md)."""
+    from models.mlp import build_mlp
+    with pytest.raises(ValueError, match=r"9,610 x 9,610 Hessian.*optimizer=newton_cg"):
+        _Newton(build_mlp((1, 8, 8), 10, hidden=[128]).parameters())
+
+
+
+# ---------------------------------------------------------------------------------------------- the defaults (issue 17)
+def test_defaults_are_a_trust_region_with_levenberg_marquardt_on_a_quarter_of_the_batch():
+    o = _Newton(tiny_mlp().parameters(), solver="cg").options
+    assert (o.damping, o.damping_factor, o.curvature_fraction, o.max_explicit_params) == (1.0, 1.5, 0.25, 2000)
+    assert (o.trust_radius, o.max_trust_radius, o.backtrack, o.warm_start_decay) == (1.0, 100.0, False, 0.0)
+    assert _Newton(tiny_mlp().parameters(), solver="cg").radius == 1.0
+    assert _Newton(tiny_mlp().parameters(), solver="explicit").radius is None  # the trust region is CG's (Steihaug)
+
+
+@pytest.mark.parametrize("solver", ["explicit", "cg"])
+def test_reduction_ratio_is_the_full_steps_and_drives_lambda(solver):
+    """rho = (F(w + s) - F(w)) / (g^T s + 1/2 s^T H s) with the dense Hessian, for the FULL Newton step s (before the
+    line search), and lambda / 1.5 when rho > 3/4, * 1.5 when rho < 1/4 (Levenberg-Marquardt, optimizers/damping.py)."""
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = _Newton(model.parameters(), solver=solver, curvature_fraction=1.0, damping=0.3, cg_tol=1e-13, trust_radius=None,
+                  cg_martens_tol=0.0, cg_max_iters=500, cg_negative_curvature="continue", descent_check="none")
+    for _ in range(4):
+        w0, lam = params_vector(model.parameters()).clone(), opt.damping
+        shapes = [p.shape for p in model.parameters()]
+
+        def loss_of(w):
+            w1, b1, w2, b2 = torch.split(w, [s.numel() for s in shapes])
+            out = torch.tanh(x @ w1.view(shapes[0]).T + b1) @ w2.view(shapes[2]).T + b2
+            return (out - y).pow(2).sum() / x.shape[0]
+
+        g, hess = torch.func.grad(loss_of)(w0), torch.autograd.functional.hessian(loss_of, w0)
+        s = -torch.linalg.solve(hess + lam * torch.eye(w0.numel(), dtype=torch.float64), g)
+        f0, f_s = float(loss_of(w0)), float(loss_of(w0 + s))
+        q = float(g.dot(s) + 0.5 * s.dot(hess @ s))
+        rho = -math.inf if f_s > f0 else (f_s - f0) / q
+        stats = run(opt, model, x, y, 1)[0]
+        assert stats["reduction_ratio"] == pytest.approx(rho, rel=1e-6, abs=1e-9)
+        expected = lam / 1.5 if rho > 0.75 and stats["step_size"] > 0 else lam * 1.5 if not rho >= 0.25 else lam
+        assert opt.damping == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_fall_back_to_the_gradient_raises_lambda():
+    """Negative curvature at once (CG stops with s = 0): the step falls back to -g, and lambda grows by r."""
+    model, x, y = rosenbrock((-0.5, 2.5))  # g^T H g < 0: CG's first direction has negative curvature
+    opt = _Newton(model.parameters(), solver="cg", damping=1e-8, curvature_fraction=1.0, trust_radius=None)
+    stats = opt.step(Objective(model, "sse", x, y))
+    assert stats["fallback"] == 1 and opt.damping == pytest.approx(1.5e-8)
+
+
+def test_the_trust_region_follows_negative_curvature_to_its_boundary():
+    """Steihaug-Toint (the default): where plain CG stops on negative curvature at once (the test above), the step
+    goes along CG's first direction, -g, to |s| = radius; no fall-back."""
+    model, x, y = rosenbrock((-0.5, 2.5))
+    opt = _Newton(model.parameters(), solver="cg", damping=1e-8, curvature_fraction=1.0, step_size="fixed")
+    w0 = params_vector(model.parameters()).clone()
+    obj = Objective(model, "sse", x, y)
+    g = obj.gradient()
+    stats = opt.step(obj)
+    s = params_vector(model.parameters()) - w0
+    assert stats["fallback"] == 0 and stats["cg/stop"] == "boundary" and stats["trust_radius"] == 1.0
+    assert float(s.norm()) == pytest.approx(1.0, rel=1e-12)
+    assert torch.allclose(s, -g / g.norm(), rtol=1e-12, atol=1e-15)
+
+
+def test_the_trust_radius_follows_the_reduction_ratio():
+    """Nocedal & Wright 2006 Algorithm 4.1 on the full step's rho: rho < 1/4 -> radius / 4; rho > 3/4 with the step
+    on the boundary -> 2 radius (up to max_trust_radius); otherwise unchanged. Saved and restored with the state."""
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = _Newton(model.parameters(), solver="cg", curvature_fraction=1.0, trust_radius=0.05, max_trust_radius=0.15)
+    for _ in range(6):
+        radius = opt.radius
+        stats = run(opt, model, x, y, 1)[0]
+        rho, boundary = stats["reduction_ratio"], stats["cg/stop"] == "boundary"
+        expected = radius / 4 if not rho >= 0.25 else min(2 * radius, 0.15) if rho > 0.75 and boundary else radius
+        assert stats["trust_radius"] == radius and opt.radius == pytest.approx(expected, rel=1e-12)
+    other = _Newton(tiny_mlp().parameters(), solver="cg")
+    other.load_state_dict(opt.state_dict())
+    assert other.radius == opt.radius and other.damping == opt.damping
+
+
+def test_trust_region_boundary_point_and_model_value():
+    """pcg(radius=...): on an indefinite system it stops on |x| = radius with phis[-1] = q(x); a radius the solution
+    lies well inside changes nothing."""
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 12, generator=gen, dtype=torch.float64)
+    b = torch.randn(12, generator=gen, dtype=torch.float64)
+    for a, radius in ((m @ m.T / 12 - 0.5 * torch.eye(12, dtype=torch.float64), 0.7),
+                      (m @ m.T / 12 + 0.1 * torch.eye(12, dtype=torch.float64), 0.3)):
+        result = pcg(lambda v: a @ v, b, radius=radius, martens_tol=0.0, max_iters=100)
+        x = result.x
+        assert result.stop_reason == "boundary" and float(x.norm()) == pytest.approx(radius, rel=1e-12)
+        assert result.phis[-1] == pytest.approx(float(0.5 * x @ a @ x - b @ x), rel=1e-12)
+    spd = m @ m.T / 12 + torch.eye(12, dtype=torch.float64)
+    free = pcg(lambda v: spd @ v, b, martens_tol=0.0, tol=1e-12, max_iters=100)
+    inside = pcg(lambda v: spd @ v, b, martens_tol=0.0, tol=1e-12, max_iters=100, radius=1e6)
+    assert inside.stop_reason == "tolerance" and torch.equal(inside.x, free.x)
+
+
+def test_cg_backtracking_and_warm_start_options():
+    """backtrack=true: Martens' backtracking over CG's iterates (optimizers/cg.py, as Hessian-free), whose loss at the
+    chosen iterate is also rho's trial (no second evaluation); warm_start_decay: CG starts from the last solution."""
+    model, (x, y) = tiny_mlp(), mlp_data()
+    opt = _Newton(model.parameters(), solver="cg", trust_radius=None, backtrack=True, warm_start_decay=0.9,
+                  cg_max_iters=30, cg_martens_tol=0.0)
+    stats = run(opt, model, x, y, 2)
+    for row in stats:
+        assert 1 <= row["cg/backtrack_iter"] <= row["cg/iters"]
+        assert row["loss_evals"] == row["cg/backtrack_evals"] + row.get("line_search/evals", 0)
+    assert opt.warm_start is not None and "warm_start" in opt.state_dict()
+
+
+def test_curvature_fraction_takes_the_hessian_on_the_first_quarter():
+    model, (x, y) = tiny_mlp(), mlp_data()
+    obj = Objective(model, "sse", x, y)
+    _Newton(model.parameters(), solver="cg").step(obj)
+    assert obj.curvature_batch_size == math.ceil(0.25 * x.shape[0])

@@ -111,7 +111,8 @@ def test_bad_values_give_one_message_naming_the_key(cls, kwargs, match):
 
 
 def test_newton_explicit_refuses_large_models():
-    with pytest.raises(OptionError, match=r"optimizer\.solver=explicit builds the 110 x 110 Hessian"):
+    message = r"optimizer\.solver=explicit \(optimizer=newton\) builds the dense 110 x 110 Hessian"
+    with pytest.raises(OptionError, match=message):
         Newton(nn.Linear(10, 10).parameters(), solver="explicit", max_explicit_params=100)
 
 
