@@ -14,7 +14,7 @@ clamped to [min_damping, max_damping]; r = 1 keeps lambda fixed.
 The curvature mini-batch ([Martens2010] sec. 4.3; Martens & Sutskever 2012): C is taken on the first
 ceil(curvature_fraction * B) samples of the batch of B, while the gradient, rho and the line search use all B. With C
 on the gradient's own batch, rho measures the model on the batch it was fitted to, stays near 1, and the rule drives
-lambda towards 0 on mini-batches (docs/_pending/h17def.md); C on a fraction lets rho see C's sampling error.
+lambda towards 0 on mini-batches (docs/benchmarks/defaults.md); C on a fraction lets rho see C's sampling error.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ One step, after ``pretrain_steps`` plain gradient-descent steps (seed 000 Algori
 Seed 004's undamped Newton (``damping=0``, ``descent_check=none``, ``step_size=fixed``) is kept as the baseline that
 fails on non-convex losses: it heads for any stationary point, maxima and saddles included.
 
-Defaults (issue 17, "robust defaults"; measurements in docs/_pending/h17newton2.md). Plain Newton (lambda = 0) on a
+Defaults (issue 17, "robust defaults"; measurements in docs/optimizers/newton.md and docs/benchmarks/defaults.md). Plain Newton (lambda = 0) on a
 mini-batch degrades: the batch Hessian of a network is indefinite, CG stops at its negative curvature on every step
 (on the Quickstart's digits MLP and on MNIST), and the truncated iterate runs along directions of tiny positive
 curvature; the Armijo search accepts it because it lowers the loss of the batch it was fitted to, while the loss of
