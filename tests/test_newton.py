@@ -380,7 +380,7 @@ def test_explicit_solver_refuses_large_models():
 
 
 def test_optimizer_newton_on_the_quickstart_mlp_is_refused_up_front_naming_newton_cg():
-    """9,610 parameters: a dense Hessian costs ~46 s a step on one core (docs/_pending/h17newton2.md)."""
+    """9,610 parameters: a dense Hessian costs ~46 s a step on one core (docs/benchmarks/defaults.md)."""
     from models.mlp import build_mlp
     with pytest.raises(ValueError, match=r"9,610 x 9,610 Hessian.*optimizer=newton_cg"):
         _Newton(build_mlp((1, 8, 8), 10, hidden=[128]).parameters())
