@@ -14,7 +14,7 @@ only sees through ``matvec``. It follows seed 002 Algorithm 2 and Martens 2010 s
   which takes alpha = r^T y / p^T A p whatever its sign and iterates on to the tolerance, leaving the judgement of the
   result to the caller (seed 000 Algorithm 4's descent check). CG on a symmetric indefinite but non-singular A still
   reaches A^-1 b in at most n steps unless p^T A p = 0 exactly ("breakdown", the only stop it cannot step past);
-* ``radius``: Steihaug-Toint's trust region ([NocedalWright2006] Algorithm 7.2; Newton-CG's default): a direction of
+* ``radius``: Steihaug-Toint's trust region ([Steihaug1983], [Toint1981]; [NocedalWright2006] Algorithm 7.2; Newton-CG's default): a direction of
   non-positive curvature, or an iterate that would leave |x| <= radius, is followed to the boundary and the solve
   stops there ("boundary");
 * iterates kept at i = ceil(5 * 1.3^j) and the last, for backtracking (Martens sec. 4.6);
