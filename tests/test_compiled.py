@@ -27,6 +27,7 @@ eager past its recompile limit, which would make the comparison trivially exact)
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -126,7 +127,7 @@ def fresh_dynamo():
 
 # ---------------------------------------------------------------------------------------------- objective.compile
 @needs_compile
-def test_compiled_products_and_steps_equal_eager_to_float32_reordering(fresh_dynamo):
+def test_compiled_products_equal_eager_to_float32_reordering(fresh_dynamo):
     model, x, y = mlp()
     v = torch.randn(sum(p.numel() for p in model.parameters()))
     eager = products(model, x, y, v)
@@ -277,3 +278,52 @@ def test_channels_last_equals_contiguous():
     # an MLP has nothing to lay out: accepted, recorded as not applied, the same numbers bit for bit
     flat, xf, yf = mlp()
     assert set_execution(flat, channels_last=True)["channels_last_applied"] is False
+
+
+# ---------------------------------------------------------------------------------------------- the runner's keys
+@pytest.mark.parametrize("overrides, match", [
+    (["precision=fp16"], r"^precision=fp16 is not one of: float32, bf16\.$"),
+    (["precision=bf16", "dtype=float64"], r"^precision=bf16 cannot be combined with float64 parameters \(dtype=float64\)"),
+    (["objective.compile=maybe"], r"^objective\.compile=maybe must be"),
+    (["objective.compile=true", "objective.ggn_backend=linearize"],
+     r"^objective\.compile=true computes J v and G v with its own compiled torch\.func products, so "
+     r"objective\.ggn_backend=linearize would not be used"),
+])
+def test_bad_values_of_the_new_keys_give_one_paragraph(tmp_path, overrides, match):
+    from runs import make_config
+
+    from runner.errors import describe_user_error, exit_code_for
+    from runner.train import train
+
+    with pytest.raises(ValueError, match=match) as info:
+        train(make_config(*overrides), tmp_path / "out")
+    assert describe_user_error(info.value) == " ".join(str(info.value).split())  # run.py prints it as is
+    assert exit_code_for(info.value) == 2
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the first step
+
+
+def test_channels_last_must_be_a_boolean():
+    """A typed key: Hydra's structured config refuses it when composing (run.py: one paragraph, exit 2)."""
+    from runs import make_config
+
+    from runner.errors import describe_user_error
+
+    with pytest.raises(Exception) as info:
+        make_config("channels_last=maybe")
+    message = describe_user_error(info.value, during_job=False)
+    assert message is not None and "\n" not in message and "channels_last" in message
+
+
+def test_run_records_the_execution(tmp_path):
+    """run_info.json says how the model computed; bf16 + channels_last on a CNN trains."""
+    from runs import make_config
+
+    from runner.metrics import read_jsonl
+    from runner.train import train
+
+    train(make_config("model=cifar_basic_cnn", "dataset=digits", "precision=bf16", "channels_last=true",
+                      "trainer.max_steps=3", "optimizer=curveball"), tmp_path / "out")
+    info = json.loads((tmp_path / "out" / "run_info.json").read_text())
+    assert info["execution"] == {"precision": "bf16", "autocast_dtype": "bfloat16", "channels_last": True,
+                                 "channels_last_applied": True, "device_type": "cpu", "compile": False}
+    assert len(read_jsonl(tmp_path / "out" / "metrics.jsonl")) == 3
