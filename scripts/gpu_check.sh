@@ -39,7 +39,7 @@ if [ "$PREPARE" = 1 ]; then
   set -e
   "$PY" -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform any \
-    -d .whl hydra-core==1.3.2 omegaconf==2.3.0
+    -d .whl hydra-core==1.3.8 omegaconf==2.3.1
   "$PY" -m pip wheel --no-deps -w .whl antlr4-python3-runtime==4.9.3
   ls -l .whl
   exit 0
