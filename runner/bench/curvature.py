@@ -214,39 +214,51 @@ def execution_rows(key: str, repeats: int, device: torch.device) -> dict[str, di
     y = torch.randint(0, 10, (batch,), device=device)
     v = torch.randn(sum(p.numel() for p in base.parameters()), device=device) * 1e-3
     convolutional = any(isinstance(m, torch.nn.Conv2d) for m in base.modules())
-    times: dict[str, dict[str, float]] = {}
+    fns: dict[str, dict[str, tuple[Callable[[], object], int]]] = {}  # execution -> row -> (fn, calls per sample)
     for name, (execution, compile) in EXECUTIONS.items():
         if execution.get("channels_last") and not convolutional:
             continue
         model = copy.deepcopy(base)
         set_execution(model, **execution)
 
-        def objective() -> Objective:
+        def objective(model=model, compile=compile) -> Objective:
             return Objective(model, "cross_entropy", x, y, compile=compile)
 
-        def timed(fn: Callable[[], object], n: int = repeats) -> float:
-            return median_time(fn, max(1, n), device, warmup=2)  # the first calls compile
-
-        row: dict[str, float] = {}
         sgd = SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        row["SGD step"] = timed(lambda: sgd.step(objective()))
         obj = objective()
         g = obj.gradient("ggn")
-        row["GGN-vector product"] = timed(lambda: obj.ggn_vp(v))
         iters = 10
-        row["one CG iteration (GGN + lambda I)"] = timed(lambda: pcg(
-            lambda d: obj.ggn_vp(d) + 1.0 * d, -g, min_iters=iters, max_iters=iters, martens_tol=0.0,
-            store_iterates=False), repeats // 2) / iters
-        hf = HessianFree(model.parameters(), cg_min_iters=10, cg_max_iters=10, curvature_fraction=1.0)
-        row["HF step (10 CG iterations)"] = timed(lambda: hf.step(objective()), repeats // 2)
-        cb = CurveBall(model.parameters())
-        row["CurveBall step"] = timed(lambda: cb.step(objective()))
-        kfac = KFAC(model.parameters())
-        row["K-FAC step (defaults, amortised)"] = timed(lambda: kfac.step(objective()), 2 * repeats)
-        times[name] = row
+        hf = HessianFree(model.parameters(), cg_min_iters=iters, cg_max_iters=iters, curvature_fraction=1.0)
+        cb, kfac = CurveBall(model.parameters()), KFAC(model.parameters())
+        fns[name] = {
+            "SGD step": (lambda sgd=sgd, objective=objective: sgd.step(objective()), 1),
+            "GGN-vector product": (lambda obj=obj: obj.ggn_vp(v), 1),
+            "one CG iteration (GGN + lambda I)": (lambda obj=obj, g=g: pcg(
+                lambda d: obj.ggn_vp(d) + 1.0 * d, -g, min_iters=iters, max_iters=iters, martens_tol=0.0,
+                store_iterates=False), iters),
+            "HF step (10 CG iterations)": (lambda hf=hf, objective=objective: hf.step(objective()), 1),
+            "CurveBall step": (lambda cb=cb, objective=objective: cb.step(objective()), 1),
+            "K-FAC step (defaults, amortised)": (lambda kfac=kfac, objective=objective: kfac.step(objective()), 1),
+        }
+        for fn, _ in fns[name].values():  # the first calls compile; K-FAC's first step decomposes its factors
+            fn(), fn()
+    # interleaved: each repeat times every execution once, so a change of the machine's load hits all of them alike
+    samples: dict[str, dict[str, list[float]]] = {n: {r: [] for r in rows} for n, rows in fns.items()}
+    for _ in range(repeats):
+        for row in next(iter(fns.values())):
+            for name in fns:
+                fn, calls = fns[name][row]
+                n = 10 if row.startswith("K-FAC") else 1  # K-FAC: amortise the eigendecompositions (every 10 steps)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+                samples[name][row].append((time.perf_counter() - t0) / (n * calls))
+    times = {n: {r: statistics.median(t) for r, t in rows.items()} for n, rows in samples.items()}
     names = list(times)
     base_row = times[names[0]]
-    print(f"\n{label}, batch {batch}, {device.type}: time over eager float32 (same process, same batch)")
+    print(f"\n{label}, batch {batch}, {device.type}: time over eager float32 (same process, same batch, interleaved)")
     print("| measurement | eager float32 ms | " + " | ".join(f"{n} x" for n in names[1:]) + " |")
     print("| --- | ---: | " + " | ".join("---:" for _ in names[1:]) + " |")
     for row in base_row:
