@@ -9,7 +9,8 @@ What is compiled (``Objective(..., compile=True)``):
 * J v and G v = J^T H_L J v on the curvature batch: the ``Compiled`` Jacobian backend, which the Objective uses in
   place of ``objective.ggn_backend`` (``auto`` is the only value accepted with compile; an explicit backend is
   refused, naming the alternative). Both are ``torch.func`` transforms of ``functional_call`` compiled as a whole:
-  J v = ``torch.func.jvp``; G v in ONE forward pass: (f, vjp) = ``torch.func.vjp``, J v as the vjp of that vjp (the
+  J v = ``torch.func.jvp`` (under bf16 autocast the vjp of J^T u, as below: forward-mode
+  torch.func through batch norm under autocast fails in torch 2.14); G v in ONE forward pass: (f, vjp) = ``torch.func.vjp``, J v as the vjp of that vjp (the
   double-backward trick, Pearlmutter 1994), then J^T (H_L J v) with the closed-form H_L of the loss. One forward per
   product means one draw of the dropout masks, which ``replay_rng`` makes the batch's.
 
@@ -32,6 +33,7 @@ avoids it; a curvature sub-batch has its own shape). torch's recompile limit (``
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -41,14 +43,16 @@ from torch.func import functional_call
 from optimizers.backends import CurvatureBatch, JacobianBackend
 from optimizers.functional import FunctionalModel, differentiable_twice
 from optimizers.losses import CrossEntropy, Loss, SquaredError
+from optimizers.precision import execution_of
 from optimizers.vec import flatten, unflatten
 from validation.checks import OptionError, boolean
 
 OPTIONS = {"fallback_random": True}  # random ops through ATen and the global generator, as eager (the masks replay)
 
 
-def check_compile(compile: bool, ggn_backend: str) -> bool:
-    """``objective.compile``, validated against the Jacobian backend it replaces."""
+def check_compile(compile: bool, ggn_backend: str, device: torch.device | str | None = None) -> bool:
+    """``objective.compile``, validated against the Jacobian backend it replaces and, given the ``device``, against
+    what torch.compile needs there (``unavailable``)."""
     compile = boolean("objective.compile", compile)
     if compile and ggn_backend != "auto":
         raise OptionError(
@@ -57,7 +61,43 @@ def check_compile(compile: bool, ggn_backend: str) -> bool:
             "double_backward and forward_ad backends differentiate the batch's eager graph). Leave "
             "objective.ggn_backend=auto with objective.compile=true, or set objective.compile=false to use "
             f"{ggn_backend}.")
+    if compile and device is not None:
+        reason = unavailable(torch.device(device).type)
+        if reason:
+            raise OptionError(f"objective.compile=true cannot run here: {reason}. Set objective.compile=false (the "
+                              "eager products compute the same values), or run where torch.compile works.")
     return compile
+
+
+@functools.cache
+def unavailable(device_type: str) -> str | None:
+    """Why torch.compile (inductor) cannot compile for ``device_type`` on this machine, or None when it can.
+
+    Checked before the first step, so that a missing tool is one message naming ``objective.compile`` rather than a
+    traceback from inside the first compiled call: CPU kernels are C++ built by the compiler that
+    ``torch._inductor.config.cpp.cxx`` names (g++ unless ``CXX`` says otherwise), CUDA kernels are Triton's."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return f"torch {torch.__version__} does not support torch.compile on this Python or platform"
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "inductor builds CUDA kernels with Triton, which is not installed (pip install triton)"
+    elif device_type == "cpu":
+        from torch._inductor import config
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        try:
+            get_cpp_compiler()
+        except Exception:  # torch._inductor.exc.InvalidCxxCompiler, or a compiler that does not run
+            cxx = config.cpp.cxx if isinstance(config.cpp.cxx, (list, tuple)) else (config.cpp.cxx,)
+            return ("inductor builds CPU kernels with a C++ compiler, and none runs here (looked for "
+                    f"{', '.join(c for c in cxx if c) or 'none'}; install g++ or point the CXX variable at one)")
+    else:
+        return f"curvlab has not checked torch.compile on device type {device_type!r}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- compiled functions
@@ -76,6 +116,16 @@ def _jvp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor]
     return torch.func.jvp(_net(model, buffers, x), (params,), (v,))[1]
 
 
+def _jvp_by_vjp(model: nn.Module, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
+                v: dict[str, Tensor]) -> Tensor:
+    """J v as the vjp of J^T u (as in ``_ggn``), for bf16 autocast: torch.func.jvp through batch norm under autocast
+    fails in torch 2.14 ("Input type (torch.FloatTensor) and weight type (CPUBFloat16Type) should be the same"), eager
+    or compiled; reverse mode does not."""
+    outputs, jt = torch.func.vjp(_net(model, buffers, x), params)
+    _, j = torch.func.vjp(jt, torch.zeros_like(outputs))
+    return j((v,))[0]
+
+
 def _ggn(model: nn.Module, loss_fn: Loss, params: dict[str, Tensor], buffers: dict[str, Tensor], x: Tensor,
          y: Tensor, v: dict[str, Tensor]) -> dict[str, Tensor]:
     outputs, jt = torch.func.vjp(_net(model, buffers, x), params)   # the one forward pass; jt(u) = (J^T u,)
@@ -92,7 +142,7 @@ def compiled(name: str) -> Callable:
     """The compiled version of one of the functions above (built on first use: importing this module compiles
     nothing)."""
     if name not in _COMPILED:
-        fn = {"forward": _forward, "jvp": _jvp, "ggn": _ggn}[name]
+        fn = {"forward": _forward, "jvp": _jvp, "jvp_by_vjp": _jvp_by_vjp, "ggn": _ggn}[name]
         _COMPILED[name] = torch.compile(fn, dynamic=False, options=OPTIONS)
     return _COMPILED[name]
 
@@ -134,8 +184,9 @@ class Compiled(JacobianBackend):
 
     def jvp(self, v: Tensor) -> Tensor:
         net = self.net
+        name = "jvp_by_vjp" if execution_of(net.model).autocast_dtype is not None else "jvp"
         with net.replay_rng(), differentiable_twice():
-            return compiled("jvp")(net.model, self.primals, self.buffers, self.batch.inputs, self._tangents(v))
+            return compiled(name)(net.model, self.primals, self.buffers, self.batch.inputs, self._tangents(v))
 
     def ggn_vp(self, v: Tensor) -> Tensor:
         """G v (flat), undamped, not yet reduced across ranks."""

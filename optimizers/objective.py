@@ -39,12 +39,13 @@ from torch.func import functional_call
 from validation import checks
 from optimizers.backends import (HESSIAN_BACKENDS, JACOBIAN_BACKENDS, CurvatureBatch, DoubleBackward,
                                  HessianBackend, JacobianBackend, TangentFreeInputs, auto_jacobian_backend,
-                                 flat_or_zero, vjp)
+                                 flat_or_zero, has_batch_norm, vjp)
 from optimizers.compiled import Compiled, check_compile, compiled_forward
 from optimizers.functional import FunctionalModel, RandomState, buffer_copies, call, differentiable_twice
 from optimizers.interface import Curvature, checked_curvature
 from optimizers.losses import Loss, get_loss
 from optimizers.per_sample import grad_sq_sums
+from optimizers.precision import execution_of
 from optimizers.vec import add_to_params, flatten, unflatten
 
 GGN_BACKENDS = ("auto", *JACOBIAN_BACKENDS)  # the built-in choices (the registries are read at each construction)
@@ -64,7 +65,12 @@ class Objective:
                  curvature_batch_size: int | None = None, per_sample_chunk: int | None = None,
                  global_batch_size: int | None = None, compile: bool = False):
         self.ggn_backend = checks.one_of("auto", *JACOBIAN_BACKENDS)("objective.ggn_backend", ggn_backend)
-        self.compile = check_compile(compile, ggn_backend)  # torch.compile: optimizers/compiled.py
+        self.compile = check_compile(compile, ggn_backend, inputs.device)  # torch.compile: optimizers/compiled.py
+        if self.ggn_backend == "linearize" and execution_of(model).autocast_dtype is not None and has_batch_norm(model):
+            raise checks.OptionError(
+                "objective.ggn_backend=linearize cannot run with precision=bf16 on a model with batch norm: "
+                "torch.func's forward mode fails through batch norm under autocast. Use objective.ggn_backend=auto "
+                "(or forward_ad, double_backward) with precision=bf16, or precision=float32 with linearize.")
         self.hvp_backend = checks.one_of(*HESSIAN_BACKENDS)("objective.hvp_backend", hvp_backend)
         self.curvature_batch_size = checks.optional(checks.positive_int)("objective.curvature_batch_size",
                                                                          curvature_batch_size)

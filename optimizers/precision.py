@@ -21,9 +21,9 @@ by one that
   factors (``optimizers.kfac.factors`` casts the recorded activations and output gradients before multiplying).
 
 Backward passes are not wrapped in autocast (PyTorch's advice: "backward ops run in the same type that autocast used
-for corresponding forward ops"). bf16 keeps 8 significand bits (unit round-off 2^-9 ~ 2e-3), so a bf16 run tracks
-the float32 one to a few 1e-3 relative per layer, not to float32 round-off (tests/test_compile_amp.py derives its
-tolerances). ``float64`` parameters are refused with bf16: mixed precision starts from float32.
+for corresponding forward ops"). bf16 keeps 8 significand bits (7 stored; unit round-off u = 2^-8 ~ 3.9e-3, float32's
+is 2^-24 ~ 6e-8), so a bf16 run tracks the float32 one to a few u relative, not to float32 round-off
+(tests/test_compiled.py derives its tolerances). ``float64`` parameters are refused with bf16: mixed precision starts from float32.
 """
 from __future__ import annotations
 
@@ -117,9 +117,9 @@ def execution_of(model: nn.Module) -> Execution:
 def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """The model's forward under its execution settings (installed on the instance by ``set_execution``)."""
     execution: Execution = self._curvlab_execution
-    if execution.channels_last:
+    if execution.channels_last:  # not inside torch.vmap (per-sample gradients): it cannot re-lay out a batched tensor
         args = tuple(a.contiguous(memory_format=torch.channels_last) if isinstance(a, Tensor) and a.dim() == 4
-                     else a for a in args)
+                     and not _vmapped(a) else a for a in args)
     dtype = execution.autocast_dtype
     if dtype is None or _AUTOCAST_OFF.get():
         return type(self).forward(self, *args, **kwargs)
@@ -127,6 +127,16 @@ def _forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     with torch.autocast(device, dtype=dtype):
         out = type(self).forward(self, *args, **kwargs)
     return _to_float32(out)
+
+
+def _vmapped(t: Tensor) -> bool:
+    """``t`` is (or wraps) a torch.vmap batched tensor: looks through torch.func's gradient wrappers."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _to_float32(out: Any) -> Any:

@@ -128,7 +128,7 @@ def _setup(cfg: DictConfig, out: Path, resume: Resume | None, writer: bool,
     _check_trainer(trainer)
     rules = StopRules.from_trainer(trainer)  # trainer.max_time_minutes, trainer.stop_at_target (runner/stopping.py)
     device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
-    objective_options = _objective_options(cfg.objective)
+    objective_options = _objective_options(cfg.objective, device)
     diagnostic_options = diagnostics_options(cfg.get("diagnostics"))
     if cfg.logger.kind not in ("none", "wandb"):
         raise ValueError(f"logger.kind={cfg.logger.kind!r} is not a logger. Choose logger=none or logger=wandb.")
@@ -470,13 +470,14 @@ def _execution_line(execution: dict[str, Any], samples: int, trainer: DictConfig
     return line
 
 
-def _objective_options(options: DictConfig) -> dict[str, Any]:
-    """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step)."""
+def _objective_options(options: DictConfig, device: torch.device) -> dict[str, Any]:
+    """The `objective` keys, checked against `Objective`'s keyword arguments (the batch is supplied per step) and,
+    for `objective.compile`, against what torch.compile needs on `device`."""
     batch = ("model", "loss_fn", "inputs", "targets", "global_batch_size")
     options = OmegaConf.to_container(options, resolve=True)
     micro = options.pop("micro_batch_size", None)
     checked = check_call("objective", Objective, options, supplied=batch)
-    check_compile(checked.get("compile", False), checked.get("ggn_backend", "auto"))  # refused before any step
+    check_compile(checked.get("compile", False), checked.get("ggn_backend", "auto"), device)  # before any step
     if micro is not None:
         checked["micro_batch_size"] = positive_int("objective.micro_batch_size", micro)
     return checked

@@ -162,8 +162,8 @@ TRAINER_KEYS = ("batch_size, batching, checkpoint, checkpoint_every, checkpoint_
                              rf"{TRAINER_KEYS}, num_workers, progress, progress_every_seconds, resume, "
                              r"stop_at_target\.$"),  # the same message as a misspelled key
         ("plus_top_level_key", r"'sed' is not a config key \(misspelled\?\)\. Valid keys under the top level: "
-                               r"data_root, dataset, device, diagnostics, dtype, logger, model, objective, optimizer, "
-                               r"seed, threads, trainer, tune, workload\.$"),
+                               r"channels_last, data_root, dataset, device, diagnostics, dtype, logger, model, "
+                               r"objective, optimizer, precision, seed, threads, trainer, tune, workload\.$"),
         ("unknown_model_key", r"model\.width is not an option of model 'build_mlp'\. Valid keys: hidden, activation, "
                               r"bias\.$"),
         ("dataset_inf", r"dataset\.noise=inf must be a finite number\.$"),

@@ -32,3 +32,29 @@ def test_second_order_steps_on_cuda(make):
     for _ in range(10):
         last = float(opt.step(Objective(model, "cross_entropy", x, y))["loss"])
     assert last < first
+
+
+def test_compiled_and_bf16_products_on_cuda():
+    """objective.compile (Triton kernels) and bf16 autocast on the GPU against the eager float32 GPU products, to the
+    tolerances of tests/test_compiled.py (float32 reordering; the bf16 first-order bound 6 u sum(kappa_l))."""
+    import copy
+
+    from test_compiled import REORDER, U32, bf16_tolerance, cnn, products, rel
+
+    from optimizers.precision import set_execution
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 products, as on the CPU
+    torch.backends.cudnn.allow_tf32 = False
+    model, x, y = cnn()
+    model, x, y = model.cuda(), x.cuda(), y.cuda()
+    v = torch.randn(sum(p.numel() for p in model.parameters()), device="cuda")
+    eager = products(model, x, y, v)
+    compiled = products(model, x, y, v, compile=True)
+    fast = copy.deepcopy(model)
+    tol = bf16_tolerance(fast, x)
+    set_execution(fast, precision="bf16", channels_last=True)
+    mixed = products(fast, x, y, v, compile=True)
+    for key in ("gradient", "jvp", "ggn"):
+        assert rel(compiled[key], eager[key]) < REORDER, key
+        assert 100 * U32 < rel(mixed[key], eager[key]) < tol, key
+        assert mixed[key].dtype == torch.float32

@@ -249,7 +249,7 @@ def test_wandb_failure_warns_once_and_training_goes_on(tmp_path, capsys):
         (["+trainer.max_step=5"], ValueError, r"^'trainer.max_step' is not a config key \(misspelled\?\). Valid keys "
                                               r"under trainer: batch_size, .*max_steps"),
         (["+logger.projekt=x"], ValueError, r"^'logger.projekt' is not a config key .*Valid keys under logger: entity"),
-        (["+sed=1"], ValueError, r"^'sed' is not a config key .*Valid keys under the top level: data_root, dataset,"),
+        (["+sed=1"], ValueError, r"^'sed' is not a config key .*Valid keys under the top level: channels_last, data_root, dataset,"),
         (["dataset=sine", "dataset.noise=inf"], ValueError, r"^dataset.noise=inf must be a finite number.$"),
         (["dataset=rosenbrock", "model=rosenbrock", "model.init=[1,nan]"], ValueError,
          r"^model.init\[1\]=nan must be a finite number.$"),

@@ -5,6 +5,7 @@ Everything is measured in one process, on the same model, batch and device, as m
     python scripts/bench_curvature.py                        # MLP 784-800-10 (b=1000) and CIFAR basic CNN (b=128)
     python scripts/bench_curvature.py --models resnet18 --repeats 3
     python scripts/bench_curvature.py --device cuda          # when a GPU is present
+    python scripts/bench_curvature.py --rows execution --threads 1   # compile / bf16 / channels_last vs eager fp32
 
 Rows: a gradient (forward + backward), an SGD step, the GGN-vector product per backend (cached: after the batch's
 one-off ``prepare``, which is timed separately), the Hessian-vector product per backend, one PCG iteration (product +
@@ -12,6 +13,12 @@ vector updates), a CurveBall step and a Hessian-free step (with its CG iteration
 its factor and inverse work, with the factors of each Fisher type, with factors and eigendecompositions, and with the
 defaults (amortised); external optimisers through optimizers.torch_optim (heavyball eagerly unless
 --heavyball-compile); and the race's first-order methods (Adam, NAdamW, Schedule-Free AdamW, Muon, Shampoo).
+
+``--rows execution`` (or ``all``): the compiled and mixed-precision path (issue 17 item 4). The same rows (SGD step,
+GGN-vector product, one CG iteration, HF step with exactly 10 CG iterations, CurveBall step, K-FAC step) for each
+execution of the model: eager float32 (the baseline, measured in the same process), ``objective.compile``,
+``precision=bf16``, ``channels_last`` (convolutional models), bf16 + channels_last and compile + bf16; each as its
+time over the baseline's. Compilation is not timed (two warm-up calls first; the batch shape stays fixed).
 """
 from __future__ import annotations
 
@@ -31,7 +38,9 @@ from optimizers.cg import pcg
 from optimizers.curveball import CurveBall
 from optimizers.first_order import SGD
 from optimizers.hf import HessianFree
+from optimizers.kfac import KFAC
 from optimizers.objective import GGN_BACKENDS, HVP_BACKENDS, Objective
+from optimizers.precision import set_execution
 
 SETUPS = {
     "mlp": ("MLP 784-800-10", lambda: build_mlp((1, 28, 28), 10, hidden=[800], activation="relu"), (1, 28, 28), 1000),
@@ -183,6 +192,81 @@ def race_rows(model, x, y, repeats: int, device: torch.device) -> list[tuple[str
     return rows
 
 
+EXECUTIONS = {  # name -> (set_execution keywords, objective.compile)
+    "eager float32": ({}, False),
+    "compile": ({}, True),
+    "bf16": ({"precision": "bf16"}, False),
+    "channels_last": ({"channels_last": True}, False),
+    "bf16 + channels_last": ({"precision": "bf16", "channels_last": True}, False),
+    "compile + bf16": ({"precision": "bf16"}, True),
+}
+
+
+def execution_rows(key: str, repeats: int, device: torch.device) -> dict[str, dict[str, float]]:
+    """Seconds per row for each execution in EXECUTIONS (channels_last variants only for convolutional models), on
+    the same batch and the same initial weights; prints the table of ratios against eager float32."""
+    import copy
+
+    label, build, shape, batch = SETUPS[key]
+    torch.manual_seed(0)
+    base = build().to(device)
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    v = torch.randn(sum(p.numel() for p in base.parameters()), device=device) * 1e-3
+    convolutional = any(isinstance(m, torch.nn.Conv2d) for m in base.modules())
+    fns: dict[str, dict[str, tuple[Callable[[], object], int]]] = {}  # execution -> row -> (fn, calls per sample)
+    for name, (execution, compile) in EXECUTIONS.items():
+        if execution.get("channels_last") and not convolutional:
+            continue
+        model = copy.deepcopy(base)
+        set_execution(model, **execution)
+
+        def objective(model=model, compile=compile) -> Objective:
+            return Objective(model, "cross_entropy", x, y, compile=compile)
+
+        sgd = SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        obj = objective()
+        g = obj.gradient("ggn")
+        iters = 10
+        hf = HessianFree(model.parameters(), cg_min_iters=iters, cg_max_iters=iters, curvature_fraction=1.0)
+        cb, kfac = CurveBall(model.parameters()), KFAC(model.parameters())
+        fns[name] = {
+            "SGD step": (lambda sgd=sgd, objective=objective: sgd.step(objective()), 1),
+            "GGN-vector product": (lambda obj=obj: obj.ggn_vp(v), 1),
+            "one CG iteration (GGN + lambda I)": (lambda obj=obj, g=g: pcg(
+                lambda d: obj.ggn_vp(d) + 1.0 * d, -g, min_iters=iters, max_iters=iters, martens_tol=0.0,
+                store_iterates=False), iters),
+            "HF step (10 CG iterations)": (lambda hf=hf, objective=objective: hf.step(objective()), 1),
+            "CurveBall step": (lambda cb=cb, objective=objective: cb.step(objective()), 1),
+            "K-FAC step (defaults, amortised)": (lambda kfac=kfac, objective=objective: kfac.step(objective()), 1),
+        }
+        for fn, _ in fns[name].values():  # the first calls compile; K-FAC's first step decomposes its factors
+            fn(), fn()
+    # interleaved: each repeat times every execution once, so a change of the machine's load hits all of them alike
+    samples: dict[str, dict[str, list[float]]] = {n: {r: [] for r in rows} for n, rows in fns.items()}
+    for _ in range(repeats):
+        for row in next(iter(fns.values())):
+            for name in fns:
+                fn, calls = fns[name][row]
+                n = 10 if row.startswith("K-FAC") else 1  # K-FAC: amortise the eigendecompositions (every 10 steps)
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                sync(device)
+                samples[name][row].append((time.perf_counter() - t0) / (n * calls))
+    times = {n: {r: statistics.median(t) for r, t in rows.items()} for n, rows in samples.items()}
+    names = list(times)
+    base_row = times[names[0]]
+    print(f"\n{label}, batch {batch}, {device.type}: time over eager float32 (same process, same batch, interleaved)")
+    print("| measurement | eager float32 ms | " + " | ".join(f"{n} x" for n in names[1:]) + " |")
+    print("| --- | ---: | " + " | ".join("---:" for _ in names[1:]) + " |")
+    for row in base_row:
+        ratios = " | ".join(f"{times[n][row] / base_row[row]:.2f}" for n in names[1:])
+        print(f"| {row} | {base_row[row] * 1e3:.2f} | {ratios} |")
+    return times
+
+
 def print_table(title: str, rows: list[tuple[str, float]]) -> None:
     grad, sgd = rows[0][1], rows[1][1]
     print(f"\n{title}")
@@ -200,6 +284,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-backends", action="store_true", help="only the default backends")
     parser.add_argument("--heavyball-compile", action="store_true", help="heavyball with torch.compile (slow start)")
+    parser.add_argument("--rows", choices=("standard", "execution", "all"), default="standard",
+                        help="execution: only the compile / bf16 / channels_last table; all: both")
     args = parser.parse_args(argv)
     if not args.heavyball_compile:
         try:
@@ -213,7 +299,10 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, device {device}")
     for key in args.models:
-        bench(key, args.repeats, device, backends=not args.no_backends)
+        if args.rows != "execution":
+            bench(key, args.repeats, device, backends=not args.no_backends)
+        if args.rows != "standard":
+            execution_rows(key, args.repeats, device)
 
 
 if __name__ == "__main__":
