@@ -37,6 +37,7 @@ from validation.checks import check_call, positive_int
 from optimizers.losses import get_loss
 from optimizers.micro_batch import MicroBatchedObjective
 from optimizers.compiled import check_compile
+from optimizers.interface import ObjectiveLike
 from optimizers.monitor import StepInterrupted
 from optimizers.objective import Objective
 from optimizers.precision import set_execution
@@ -237,7 +238,7 @@ def _loop(state: RunState, run: _Parts, trainer: DictConfig, signals: StopSignal
                     stop = True
                     break
                 except Exception as exc:
-                    if _diverged_before(state, exc):
+                    if _diverged_before(state, exc, objective):
                         break
                     raise
                 average_buffers(state.model)  # batch-norm running statistics equal on every rank
@@ -313,9 +314,19 @@ def _flush(state: RunState, bar: tqdm | None) -> None:
         bar.set_postfix(loss=f"{state.last_row['loss']:.4g}", refresh=False)
 
 
-def _diverged_before(state: RunState, exc: Exception) -> bool:
-    """Whether the loss had already become non-finite when the optimizer raised `exc` (then: a divergence)."""
+def _diverged_before(state: RunState, exc: Exception, objective: ObjectiveLike) -> bool:
+    """Whether the run had already diverged when the optimizer raised `exc`: a loss logged non-finite, or a loss at
+    the current parameters on this step's batch that is not finite (the previous step blew the parameters up; e.g.
+    K-FAC's sampled Fisher cannot draw labels from an inf or NaN output). Then the run ends as diverged, at this step."""
     _flush(state, None)
+    if not state.diverged:
+        try:
+            with torch.no_grad():
+                loss = float(objective.loss())
+        except Exception:  # the forward itself failed: the optimizer's exception is the one to report
+            loss = 0.0
+        if not math.isfinite(loss):
+            state.diverged_row = {"step": state.step + 1, "epoch": state.epoch, "loss": loss}
     if state.diverged:
         log.warning(f"the optimizer raised {type(exc).__name__} at step {state.step + 1}, after the loss diverged")
     return state.diverged

@@ -36,7 +36,7 @@ from optimizers.first_order import SGD
 from optimizers.kfac import KFAC
 from optimizers.kfac.factors import Capture, batch_factors, covered_layers
 from optimizers.kfac.fisher import sampled_signal
-from optimizers.kfac.preconditioner import KroneckerBlock
+from optimizers.kfac.preconditioner import KroneckerBlock, symmetric_eigh
 from optimizers.objective import Objective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -574,3 +574,31 @@ def test_a_cuda_step_equals_the_cpu_step(fisher):
         assert stats["kfac/factor_time"] > 0 and stats["kfac/inverse_time"] >= 0
     for p, q in zip(models["cpu"].parameters(), models["cuda"].parameters()):
         torch.testing.assert_close(p, q.cpu(), rtol=1e-9, atol=1e-11)
+
+
+def test_a_factor_float32_eigh_cannot_decompose_is_decomposed_in_float64(monkeypatch, tmp_path):
+    """The input factor of seed 003's CIFAR CNN on the 8 x 8 digits (801 x 801, rank ~60, many equal eigenvalues):
+    float32 ``eigh`` fails on it with torch 2.14.1 (a LinAlgError or NaN eigenvectors, depending on the batch).
+    symmetric_eigh's result reconstructs the factor, checked against a dense float64 eigendecomposition."""
+    from runner.train import train
+    from runs import make_config
+    blocks = []
+    original = KroneckerBlock.decompose
+
+    def keep(self):
+        original(self)
+        if self.A is not None and self.A.shape[0] == 801:
+            blocks.append((self.A.clone(), self.dA.clone(), self.QA.clone()))
+    monkeypatch.setattr(KroneckerBlock, "decompose", keep)
+    result = train(make_config("model=cifar_basic_cnn", "optimizer=kfac", "trainer.max_steps=1", "seed=2",
+                               "trainer.checkpoint=false"), tmp_path)
+    assert result.status == "ok" and blocks
+    for a, d, q in blocks:
+        assert torch.isfinite(d).all() and torch.isfinite(q).all()
+        exact = torch.linalg.eigvalsh(a.double())
+        torch.testing.assert_close(d.double().sort().values, exact.clamp_min(0), atol=1e-4 * float(exact.abs().max()),
+                                   rtol=0)
+        rebuilt = (q.double() * d.double()) @ q.double().T
+        torch.testing.assert_close(rebuilt, a.double(), atol=1e-4 * float(a.abs().max()), rtol=0)
+        d2, q2 = symmetric_eigh(a)  # the function on its own gives the same kind of result
+        assert torch.isfinite(d2).all() and torch.isfinite(q2).all()

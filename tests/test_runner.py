@@ -202,6 +202,19 @@ def test_an_optimizer_error_after_the_loss_diverged_is_a_divergence(tmp_path, ca
     assert f"LinAlgError at step {result.steps + 1}, after the loss diverged" in caplog.text
 
 
+def test_a_step_that_raises_on_blown_up_parameters_is_a_divergence_at_that_step(tmp_path, capsys):
+    """K-FAC with an absurd rate: step 1 leaves the parameters so large that step 2's outputs are inf, its sampled
+    Fisher cannot draw labels (torch.multinomial raises), and no NaN loss was logged yet: the run is diverged at step
+    2 (the loss there, at the current parameters, is not finite), not a traceback."""
+    cfg = make_config("optimizer=kfac", "optimizer.lr=1e38", "optimizer.kl_clip=null", "trainer.max_steps=5",
+                      "trainer.log_every=1")
+    result = train(cfg, tmp_path)
+    assert result.status == "diverged" and result.steps == 1
+    assert result.summary["diverged_at_step"] == 2
+    assert "the loss became nan at step 2 " in capsys.readouterr().err
+    assert (tmp_path / "checkpoint.pt").exists()
+
+
 def test_wandb_offline_run_dir(tmp_path):
     train(make_config("logger=wandb", "trainer.max_steps=3"), tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
