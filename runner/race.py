@@ -69,7 +69,13 @@ EXIT_OK, EXIT_FAILED, EXIT_USER_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 4
 FINAL = ("ok", "diverged", "error")  # a job with one of these statuses is done (runner/sweep.py: finished_job)
 CPU_WORKLOADS = ("digits_mlp", "mnist_mlp800", "mnist_tanh_mlp", "mnist_linear_relu", "fashion_mlp",
                  "mnist_simple_cnn", "sine_mlp")  # the default --workloads: real data, minutes on a CPU
-DEFAULT_METHODS = ("sgd", "adam", "kfac", "curveball", "hf")
+# The default --methods: the whole race of issue 18. First-order baselines: SGD with momentum, Adam, NAdamW (AlgoPerf's
+# baseline). Today's winners: Muon, Schedule-Free AdamW, Shampoo, SOAP, PSGD Kron (AlgoPerf 2024, Kasimbeg et al.
+# 2025, arXiv 2502.15015; the CIFAR-10 and nanoGPT speed records). curvlab's second-order methods: K-FAC, CurveBall,
+# Hessian-free, L-BFGS (which needs fixed or full batches, optimizers/lbfgs.py: --set lbfgs:trainer.batching=full).
+# Dense Newton, Newton-CG, AdaHessian, Sophia, NLCG and GD have presets too and join through --methods.
+DEFAULT_METHODS = ("sgd", "adam", "nadamw", "muon", "schedule_free", "shampoo", "soap", "psgd",
+                   "kfac", "curveball", "hf", "lbfgs")
 LAUNCHERS = {"basic": [], "submitit_local": ["hydra/launcher=submitit_local"], "slurm": ["hydra/launcher=slurm"]}
 RESERVED = ("seed", "workload", "search", "optimizer", "trainer.resume", "hydra.sweep.dir", "hydra.sweeper",
             "hydra/sweeper", "hydra/launcher")  # set by the race itself

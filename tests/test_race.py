@@ -124,6 +124,21 @@ def test_every_cell_composes_with_each_launcher_and_a_methods_own_batch(tmp_path
         == 256
 
 
+def test_the_default_race_is_issue_18s_every_method_on_every_cpu_workload():
+    """The default --methods is the race the issue asks for (first-order baselines, today's winners, the second-order
+    methods), and each of them composes with a small workload through its own search preset."""
+    from runner.race import DEFAULT_METHODS, Plan, cells, parse_args
+
+    assert parse_args([]).methods.split(",") == list(DEFAULT_METHODS)
+    assert set(DEFAULT_METHODS) >= {"sgd", "adam", "nadamw", "muon", "schedule_free", "shampoo", "soap", "psgd",
+                                    "kfac", "curveball", "hf", "lbfgs"}
+    for method in DEFAULT_METHODS:
+        assert (REPO / "conf" / "search" / f"{method}.yaml").is_file(), method
+    plan = Plan(["digits_mlp"], list(DEFAULT_METHODS), 1, 0, [1000], "basic", {}, ["threads=1"])
+    found = cells(plan, Path("/nonexistent"))
+    assert [(c.method, c.optimizer) for c in found] == [(m, m) for m in DEFAULT_METHODS]
+
+
 def test_only_unresumable_unfinished_jobs_are_set_aside(tmp_path):
     from runner.race import complete, set_aside
 

@@ -137,3 +137,20 @@ def test_holm_on_a_textbook_case():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
     assert holm([]) == []
+
+
+def test_the_steps_table_names_a_full_batch_as_such():
+    """A run with trainer.batching=full sees the whole training set per step: its batch is "full", not the
+    trainer.batch_size its config still holds (the race's L-BFGS)."""
+    from pathlib import Path
+
+    from runner.report.load import Run
+    from runner.report.quantities import Target
+    from runner.report.verdict import cell_record, per_seed_records
+
+    rows = [{"step": 100, "wall_time": 0.4, "eval/loss": 0.0105}]
+    runs = [Run(Path(f"/r/{seed}"), {"seed": seed, "trainer": {"batch_size": 100, "batching": batching}}, {}, None,
+                rows, "ok") for seed, batching in ((1, "full"), (2, "shuffle"))]
+    records = per_seed_records(runs, "sine_mlp", "lbfgs", Target("eval/loss", 0.011, "min"))
+    assert [r["batch_size"] for r in records] == ["full", 100]
+    assert cell_record(records[:1], "sine_mlp", "lbfgs")["batch_size"] == "full"

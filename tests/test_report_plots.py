@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import matplotlib
 import pytest
 
 from runner.report.load import Run
@@ -88,3 +89,13 @@ def test_the_profile_plot_draws_each_methods_step_function():
     assert list(b.get_xdata()) == [1.0, 2.0, 4.0] and list(b.get_ydata()) == pytest.approx([1 / 3, 2 / 3, 2 / 3])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["a (score 0.444)", "b (score 0.555)"]
     assert ax.get_xlabel() == "τ" and "fraction of workloads" in ax.get_ylabel()
+
+
+def test_the_profile_plot_tells_a_whole_race_of_methods_apart():
+    """The default race has 12 methods, more than the 10 colours: every curve differs in colour or line style."""
+    methods = [f"m{i}" for i in range(12)]
+    ratios = {"w": {m: 1.0 + i / 4 for i, m in enumerate(methods)}}
+    fig = plot_profile(ratios, {m: 0.5 for m in methods}, methods, title="profile", xlabel="τ")
+    (ax,) = fig.axes
+    styles = [(tuple(matplotlib.colors.to_rgba(line.get_color())), line.get_linestyle()) for line in ax.lines]
+    assert len(styles) == 12 and len(set(styles)) == 12

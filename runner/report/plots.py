@@ -66,6 +66,7 @@ DIAGNOSTIC_UNITS = {  # y-axis labels with units, where the panel title is not o
     "curv/jvp_products": "products per step", "curv/vjp_products": "products per step", "step_time": "seconds",
 }
 COLORS = plt.get_cmap("tab10").colors
+LINESTYLES = ("-", "--", ":")  # with COLORS: 30 distinguishable series
 
 
 FORMATS = ("png", "pdf")
@@ -164,16 +165,17 @@ def plot_profile(ratios: dict[str, dict[str, float]], scores: dict[str, float], 
                  xlabel: str, tau_max: float = 4.0):
     """Performance profiles rho_m(tau) (runner/report/profiles.py), one step curve per method, scores in the legend.
     ratios: workload -> method -> time / the fastest method's time (inf: not reached)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for color, method in zip(_colors(), methods):
+    fig, ax = plt.subplots(figsize=(8.4, 4.2))
+    for i, method in enumerate(methods):  # past ten methods the colours repeat: the line style tells them apart
         values = [per[method] for per in ratios.values()]
         grid = sorted({1.0, tau_max, *(v for v in values if 1.0 <= v <= tau_max)})
         heights = [sum(v <= tau for v in values) / max(len(values), 1) for tau in grid]
-        ax.step(grid, heights, where="post", color=color, lw=1.6, label=f"{method} (score {scores[method]:.3f})")
+        ax.step(grid, heights, where="post", color=COLORS[i % len(COLORS)], ls=LINESTYLES[i // len(COLORS) % 3],
+                lw=1.6, label=f"{method} (score {scores[method]:.3f})")
     ax.set(xlim=(1.0, tau_max), ylim=(-0.03, 1.03), xlabel=xlabel,
            ylabel="fraction of workloads with\ntime ≤ τ × the fastest method's")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)  # outside: never hides a curve
     ax.set_title(textwrap.fill(title, 70), fontsize=10)
     fig.tight_layout()
     return fig

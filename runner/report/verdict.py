@@ -76,11 +76,17 @@ def per_seed_records(runs: list[Run], workload: str, method: str, target: q.Targ
             "reached": row is not None,
             "time": float(row["wall_time"]) if row is not None else math.inf,
             "steps": int(row["step"]) if row is not None else math.inf,
-            "batch_size": (run.config.get("trainer") or {}).get("batch_size"),
+            "batch_size": _batch(run.config.get("trainer") or {}),
             "final": q.final(run.rows, target.metric), "best": q.best(run.rows, target.metric, target.mode),
             "run": str(run.path),
         })
     return records
+
+
+def _batch(trainer: dict[str, Any]) -> Any:
+    """The run's batch as the steps table shows it: "full" when every step sees the whole training set
+    (trainer.batching=full, e.g. L-BFGS in the race), else trainer.batch_size."""
+    return "full" if trainer.get("batching") == "full" else trainer.get("batch_size")
 
 
 def cell_record(records: list[dict[str, Any]], workload: str, method: str) -> dict[str, Any]:
