@@ -315,18 +315,19 @@ def _flush(state: RunState, bar: tqdm | None) -> None:
 
 
 def _diverged_before(state: RunState, exc: Exception, objective: ObjectiveLike) -> bool:
-    """Whether the run had already diverged when the optimizer raised `exc`: a loss logged non-finite, or a loss at
-    the current parameters on this step's batch that is not finite (the previous step blew the parameters up; e.g.
-    K-FAC's sampled Fisher cannot draw labels from an inf or NaN output). Then the run ends as diverged, at this step."""
+    """Whether the run had already diverged when the optimizer raised `exc`: a loss logged non-finite, or network
+    outputs on this step's batch, at the current parameters, that are not finite (the previous step blew the
+    parameters up; e.g. K-FAC's sampled Fisher cannot draw labels from an inf or NaN output). Then the run ends as
+    diverged, at this step. The outputs are this rank's own (no collective: another rank may be waiting in one)."""
     _flush(state, None)
     if not state.diverged:
         try:
             with torch.no_grad():
-                loss = float(objective.loss())
+                finite = bool(torch.isfinite(objective.outputs()).all())
         except Exception:  # the forward itself failed: the optimizer's exception is the one to report
-            loss = 0.0
-        if not math.isfinite(loss):
-            state.diverged_row = {"step": state.step + 1, "epoch": state.epoch, "loss": loss}
+            finite = True
+        if not finite:
+            state.diverged_row = {"step": state.step + 1, "epoch": state.epoch, "loss": float("nan")}
     if state.diverged:
         log.warning(f"the optimizer raised {type(exc).__name__} at step {state.step + 1}, after the loss diverged")
     return state.diverged
