@@ -200,7 +200,7 @@ def protocol(tmp_path_factory) -> tuple:
     out = root / "race"
     process = race("--workloads", "digits_mlp,sine_mlp", "--methods", "sgd,adam,curveball", "--trials", "2",
                    "--seeds", "1000,1001", "--out", str(out), "threads=1", "trainer.progress=false",
-                   "trainer.max_steps=3000", cwd=root)
+                   "trainer.max_steps=1000", cwd=root)
     return (*finish(process), out)
 
 
@@ -276,7 +276,7 @@ def test_the_protocol_tunes_reruns_and_its_verdict_matches_the_runs_own_metrics(
 @pytest.mark.slow
 def test_the_protocol_continues_after_sigterm_without_redoing_finished_runs(tmp_path):
     args = ["--workloads", "digits_mlp", "--methods", "sgd,adam", "--trials", "3", "--seeds", "1000", "threads=1",
-            "trainer.progress=false", "trainer.stop_at_target=null", "trainer.max_steps=800",
+            "trainer.progress=false", "trainer.stop_at_target=null", "trainer.max_steps=500",
             "trainer.eval_every=100"]
     reference = race(*args, "--out", str(tmp_path / "reference"), cwd=tmp_path)  # the same plan, never interrupted
     code, _, stderr = finish(reference)
