@@ -130,7 +130,11 @@ def test_with_download_false_nothing_is_tried(tmp_path, no_network):
 
 def test_an_unanswered_host_is_given_up_after_the_timeout(monkeypatch):
     """A resolver or host that never answers costs `timeout` seconds, not a hang (the helper thread is abandoned)."""
-    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(30))
+    def never_answers(*args, **kwargs):
+        time.sleep(30)
+        raise TimeoutError("timed out")  # as a real connection would, long after the test: the abandoned thread ends
+
+    monkeypatch.setattr(socket, "create_connection", never_answers)
     begun = time.monotonic()
     why = unreachable(["https://example.org/a"], timeout=0.5)
     assert time.monotonic() - begun < 2 and why == "example.org: no answer within 0.5 s"
