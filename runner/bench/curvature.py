@@ -29,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 
 from models.basic_cnn import build_cifar_basic_cnn
@@ -69,13 +70,20 @@ def median_time(fn: Callable[[], object], repeats: int, device: torch.device, wa
     return statistics.median(times)
 
 
-def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[tuple[str, float]]:
+def problem_of(key: str, device: torch.device) -> tuple[str, torch.nn.Module, Tensor, Tensor, Tensor]:
+    """The model of SETUPS[key] (seeded weights), a random batch (x, y) and a small random vector v of its size."""
     label, build, shape, batch = SETUPS[key]
     torch.manual_seed(0)
     model = build().to(device)
     x = torch.randn(batch, *shape, device=device)
     y = torch.randint(0, 10, (batch,), device=device)
     v = torch.randn(sum(p.numel() for p in model.parameters()), device=device) * 1e-3
+    return label, model, x, y, v
+
+
+def bench(key: str, repeats: int, device: torch.device, backends: bool) -> list[tuple[str, float]]:
+    label, model, x, y, v = problem_of(key, device)
+    batch = x.shape[0]
     rows: list[tuple[str, float]] = []
 
     def gradient() -> None:
@@ -207,12 +215,8 @@ def execution_rows(key: str, repeats: int, device: torch.device) -> dict[str, di
     the same batch and the same initial weights; prints the table of ratios against eager float32."""
     import copy
 
-    label, build, shape, batch = SETUPS[key]
-    torch.manual_seed(0)
-    base = build().to(device)
-    x = torch.randn(batch, *shape, device=device)
-    y = torch.randint(0, 10, (batch,), device=device)
-    v = torch.randn(sum(p.numel() for p in base.parameters()), device=device) * 1e-3
+    label, base, x, y, v = problem_of(key, device)
+    batch = x.shape[0]
     convolutional = any(isinstance(m, torch.nn.Conv2d) for m in base.modules())
     fns: dict[str, dict[str, tuple[Callable[[], object], int]]] = {}  # execution -> row -> (fn, calls per sample)
     for name, (execution, compile) in EXECUTIONS.items():

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import Tensor
 import torch.nn.functional as F
 
 from models.basic_cnn import build_cifar_basic_cnn
@@ -290,13 +291,20 @@ def measure(units: list[Unit], repeats: int, device: torch.device) -> None:
             unit.cpu.append((time.process_time() - c0) / unit.steps)
 
 
-def bench(key: str, repeats: int, device: torch.device, clock: str, with_peers: bool) -> None:
+def problem_of(key: str, device: torch.device) -> tuple[str, torch.nn.Module, Tensor, Tensor]:
+    """The model of MODELS[key] (seeded weights) and a seeded random batch (x, y)."""
     label, build, shape, batch = MODELS[key]
     torch.manual_seed(0)
     model = build().to(device)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(batch, *shape, generator=gen).to(device)
     y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    return label, model, x, y
+
+
+def bench(key: str, repeats: int, device: torch.device, clock: str, with_peers: bool) -> None:
+    label, model, x, y = problem_of(key, device)
+    batch = x.shape[0]
     units = curvlab_units(model, x, y, device)
     messages: list[str] = []
     if with_peers:
@@ -389,12 +397,8 @@ def floor_units(model, x, y) -> list[Unit]:
 
 
 def floors(key: str, repeats: int, device: torch.device, clock: str) -> None:
-    label, build, shape, batch = MODELS[key]
-    torch.manual_seed(0)
-    model = build().to(device)
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, *shape, generator=gen).to(device)
-    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    label, model, x, y = problem_of(key, device)
+    batch = x.shape[0]
     units = floor_units(model, x, y)
     measure(units, repeats, device)
     ms = {u.name: 1e3 * statistics.median(u.cpu if clock == "cpu" else u.wall) for u in units}
