@@ -30,6 +30,7 @@ from optimizers.interface import ObjectiveLike
 
 BETA_RULES = ("pr", "fr", "hs")
 LINE_SEARCHES = ("strong_wolfe", "armijo")
+INITIAL_RULES = ("quadratic", "slope")
 _OPEN = dict(low_open=True, high_open=True)
 
 
@@ -47,6 +48,7 @@ class NLCGOptions(LineSearchOptions):
     ls_max_evals: int = option(25, positive_int)          # loss evaluations per line search
     ls_tolerance_change: float = option(1e-9, nonnegative)  # strong Wolfe: stop when the bracket is this narrow
     same_batch: bool = option(True, boolean)  # beta, first rate from the previous point re-evaluated on this batch
+    ls_initial_rule: str = option("quadratic", one_of(*INITIAL_RULES))  # first trial: N&W eq. 3.60 | eq. 3.59
 
     def validate(self) -> None:
         super().validate()
@@ -79,6 +81,7 @@ class NLCG(Optimizer):
         self.prev_loss: Tensor | None = None
         self.prev_step: Tensor | None = None  # the last move (same_batch: the previous point is w - prev_step)
         self.since_restart = 0
+        self.prev_slope: float | None = None  # rate * g^T d of the last move (ls_initial_rule=slope)
 
     def update(self, objective: ObjectiveLike) -> dict[str, Any]:
         loss, g = objective.loss(), objective.gradient()
@@ -100,6 +103,7 @@ class NLCG(Optimizer):
         self.prev_grad, self.prev_loss = g.detach().clone(), loss.detach().clone()
         self.prev_dir = d.detach().clone() if rate > 0 else None
         self.prev_step = d.detach() * rate if rate > 0 else None
+        self.prev_slope = rate * float(gtd) if rate > 0 else None
         self.since_restart = 1 if restart else self.since_restart + 1
         return {**stats, **objective.stats()}
 
@@ -150,6 +154,12 @@ class NLCG(Optimizer):
         return float(rate), float(loss_after), evals  # floats: the search ran on the host anyway
 
     def _initial_rate(self, loss: Tensor, gg: Tensor, gtd: Tensor) -> float:
+        """``quadratic`` (scipy): the minimiser of the quadratic through f_prev, f and g^T d (N&W eq. 3.60); on
+        resampled batches f - f_prev is one batch's difference and, where the last move raised this batch's loss, the
+        guess falls back to the cap. ``slope``: the last move's first-order change alpha_prev g_prev^T d_prev repeated
+        (N&W eq. 3.59), which uses no loss difference."""
+        if self.options.ls_initial_rule == "slope" and self.prev_slope is not None:
+            return min(self.prev_slope / float(gtd), self.options.ls_initial_rate)
         if self.prev_loss is None:
             rate = 1.01 / float(gg.sqrt())  # scipy: f_prev = f + |g| / 2 "sets the initial step guess to dx ~ 1"
         else:
@@ -168,10 +178,11 @@ class NLCG(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         return clone_state({"steps": self.steps, "prev_grad": self.prev_grad, "prev_dir": self.prev_dir,
                             "prev_loss": self.prev_loss, "prev_step": self.prev_step,
-                            "since_restart": self.since_restart})
+                            "since_restart": self.since_restart, "prev_slope": self.prev_slope})
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         state = clone_state(state)
         self.steps, self.since_restart = int(state["steps"]), int(state["since_restart"])
         self.prev_grad, self.prev_dir, self.prev_loss = state["prev_grad"], state["prev_dir"], state["prev_loss"]
         self.prev_step = state.get("prev_step")
+        self.prev_slope = state.get("prev_slope")

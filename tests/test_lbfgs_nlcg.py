@@ -315,3 +315,19 @@ def test_weight_decay_reaches_the_ridge_minimiser(method):
     for _ in range(60):
         opt.step(Objective(model, "mse", x, y))
     assert (model.weight.detach() - w_star).abs().max() < 1e-6
+
+
+def test_nlcg_slope_initial_rule_repeats_the_last_first_order_change():
+    """ls_initial_rule=slope: the first trial is alpha_prev g_prev^T d_prev / g^T d (Nocedal & Wright eq. 3.59), and
+    the method still solves a least-squares problem."""
+    x, y, _ = least_squares(n=8)
+    model = nn.Linear(8, 1, bias=False).to(DTYPE)
+    opt = NLCG(model.parameters(), ls_initial_rule="slope", ls_initial_rate=1e6)
+    stats = opt.step(Objective(model, "mse", x, y))
+    objective = Objective(model, "mse", x, y)
+    g = objective.gradient()
+    d, gtd, _, _ = opt._direction(g, g.dot(g))
+    assert opt.prev_slope == pytest.approx(float(stats["line_search/rate"]) * float(-stats["grad_norm"] ** 2))
+    assert opt._initial_rate(objective.loss(), g.dot(g), gtd) == pytest.approx(opt.prev_slope / float(gtd))
+    losses = [float(opt.step(Objective(model, "mse", x, y))["loss"]) for _ in range(40)]
+    assert losses[-1] < 1e-8 * losses[0]
