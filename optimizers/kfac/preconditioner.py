@@ -103,7 +103,7 @@ def symmetric_eigh(m: Tensor) -> tuple[Tensor, Tensor]:
     decomposition checks the result)."""
     try:
         d, q = torch.linalg.eigh(m)
-        if bool(torch.isfinite(d).all()) and bool(torch.isfinite(q).all()):
+        if bool(torch.isfinite(q).all() & torch.isfinite(d).all()):  # one host sync
             return d, q
     except torch.linalg.LinAlgError:
         pass
